@@ -1,0 +1,618 @@
+//! One client connection: its read loop (parse → handle each op), its write
+//! loop (drain the outbound queue to the socket), pings, limits, and the
+//! cleanup when it goes.
+//!
+//! Two tasks per connection:
+//! - the **reader** owns the read half, the parser state and the connection's
+//!   options; it handles a whole read batch and then wakes, once each, every
+//!   writer the batch queued frames for ([`WakeList`]);
+//! - the **writer** owns the write half and writes whatever [`Outbound`] holds,
+//!   with a deadline per write.
+//!
+//! What other tasks may touch lives in [`ClientShared`]: the outbound queue,
+//! the subscription map (auto-unsubscribe removes entries from the
+//! publisher's task), and the kill switch.
+//!
+//! Invariants: every exit path runs [`Connection::cleanup`], which removes all
+//! of the client's subscriptions from the sublist (breaking the
+//! `Subscription → ClientShared` reference cycle) and deregisters it.
+
+mod outbound;
+
+pub use outbound::{Outbound, PushError, Pushed, SHARE_MIN};
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{
+    encode_err, encode_info, parse_client_op, ClientOp, ConnectOptions, Message, ProtocolError, OK,
+    PING, PONG,
+};
+use crate::server::ServerState;
+use crate::subject;
+use crate::subscription::{Subscriber, Subscription};
+
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 * 1024;
+/// Below this much free space the read buffer is grown before reading.
+const READ_MIN: usize = 4 * 1024;
+/// Most iovecs handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+/// The status a request gets when nobody is subscribed to its subject.
+const NO_RESPONDERS: &[u8] = b"NATS/1.0 503\r\n\r\n";
+
+/// Why a connection ended, in nats-server's words (as in its `/connz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientClosed,
+    ServerShutdown,
+    ReadError,
+    WriteError,
+    ParseError,
+    MaxPayloadExceeded,
+    MaxControlLineExceeded,
+    StaleConnection,
+    SlowConsumerPendingBytes,
+    SlowConsumerWriteDeadline,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CloseReason::ClientClosed => "Client Closed",
+            CloseReason::ServerShutdown => "Server Shutdown",
+            CloseReason::ReadError => "Read Error",
+            CloseReason::WriteError => "Write Error",
+            CloseReason::ParseError => "Parse Error",
+            CloseReason::MaxPayloadExceeded => "Maximum Message Payload Exceeded",
+            CloseReason::MaxControlLineExceeded => "Maximum Control Line Exceeded",
+            CloseReason::StaleConnection => "Stale Connection",
+            CloseReason::SlowConsumerPendingBytes => "Slow Consumer (Pending Bytes)",
+            CloseReason::SlowConsumerWriteDeadline => "Slow Consumer (Write Deadline)",
+        })
+    }
+}
+
+/// The part of a client other tasks may touch.
+pub struct ClientShared {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub outbound: Outbound,
+    /// Cuts the connection off without flushing (slow consumer, write error).
+    kill: CancellationToken,
+    /// Why it was cut off, for the reader's log line.
+    kill_reason: Mutex<Option<CloseReason>>,
+    /// The client said `headers: true` in CONNECT.
+    headers: AtomicBool,
+    subs: Mutex<HashMap<Bytes, Arc<Subscription>, ahash::RandomState>>,
+    name: Mutex<String>,
+}
+
+impl ClientShared {
+    fn new(id: u64, addr: SocketAddr, max_pending: usize) -> ClientShared {
+        ClientShared {
+            id,
+            addr,
+            outbound: Outbound::new(max_pending),
+            kill: CancellationToken::new(),
+            kill_reason: Mutex::new(None),
+            headers: AtomicBool::new(false),
+            subs: Mutex::new(HashMap::default()),
+            name: Mutex::new(String::new()),
+        }
+    }
+
+    /// Queues `msg` for this client's subscription `sid`. A client that
+    /// cannot take it within `max_pending` is cut off as a slow consumer.
+    /// Returns whether it was queued.
+    pub(crate) fn deliver(
+        self: &Arc<Self>,
+        sid: &[u8],
+        msg: &Message,
+        wakes: &mut WakeList,
+    ) -> bool {
+        let pushed = self
+            .outbound
+            .push_msg(sid, msg, self.headers.load(Ordering::Relaxed));
+        self.after_push(pushed, wakes)
+    }
+
+    fn after_push(
+        self: &Arc<Self>,
+        pushed: Result<Pushed, PushError>,
+        wakes: &mut WakeList,
+    ) -> bool {
+        match pushed {
+            Ok(Pushed { wake }) => {
+                if wake {
+                    wakes.0.push(Arc::clone(self));
+                }
+                true
+            }
+            Err(PushError::SlowConsumer) => {
+                self.cut_off(CloseReason::SlowConsumerPendingBytes);
+                false
+            }
+            Err(PushError::Closed) => false,
+        }
+    }
+
+    /// Closes the connection now, dropping what is queued.
+    fn cut_off(&self, reason: CloseReason) {
+        {
+            let mut slot = self.kill_reason.lock();
+            if slot.is_some() {
+                return;
+            }
+            *slot = Some(reason);
+        }
+        if matches!(
+            reason,
+            CloseReason::SlowConsumerPendingBytes | CloseReason::SlowConsumerWriteDeadline
+        ) {
+            tracing::warn!(
+                "{self} - Slow Consumer Detected: {reason}, pending {} bytes",
+                self.outbound.pending()
+            );
+        }
+        self.outbound.close();
+        self.kill.cancel();
+    }
+
+    /// Drops the subscription `sid` from this client's map (after the
+    /// sublist no longer holds it).
+    pub(crate) fn forget_subscription(&self, sid: &[u8]) {
+        self.subs.lock().remove(sid);
+    }
+
+    /// Number of subscriptions this client holds.
+    pub fn subscription_count(&self) -> usize {
+        self.subs.lock().len()
+    }
+}
+
+impl fmt::Display for ClientShared {
+    /// nats-server's log prefix: `addr - cid:N - "name"`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} - cid:{}", self.addr, self.id)?;
+        let name = self.name.lock();
+        if !name.is_empty() {
+            write!(f, " - \"{name}\"")?;
+        }
+        Ok(())
+    }
+}
+
+/// Writers to wake after a read batch, each once.
+#[derive(Default)]
+pub struct WakeList(Vec<Arc<ClientShared>>);
+
+impl WakeList {
+    pub fn wake_all(&mut self) {
+        for client in self.0.drain(..) {
+            client.outbound.wake();
+        }
+    }
+}
+
+/// Options from CONNECT. Before CONNECT a client is verbose and pedantic, as
+/// nats-server's defaults are: a telnet user sees `+OK` and subject errors.
+struct Options {
+    verbose: bool,
+    pedantic: bool,
+    echo: bool,
+    headers: bool,
+    no_responders: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            verbose: true,
+            pedantic: true,
+            echo: true,
+            headers: false,
+            no_responders: false,
+        }
+    }
+}
+
+impl Options {
+    /// Fields the client left out keep their current value.
+    fn apply(&mut self, c: &ConnectOptions) {
+        self.verbose = c.verbose.unwrap_or(self.verbose);
+        self.pedantic = c.pedantic.unwrap_or(self.pedantic);
+        self.echo = c.echo.unwrap_or(self.echo);
+        self.headers = c.headers.unwrap_or(self.headers);
+        self.no_responders = c.no_responders.unwrap_or(self.no_responders);
+    }
+}
+
+/// The reader side of one connection.
+struct Connection {
+    server: Arc<ServerState>,
+    client: Arc<ClientShared>,
+    options: Options,
+    pings_out: u32,
+    wakes: WakeList,
+}
+
+/// Serves one accepted TCP connection until it closes.
+pub(crate) async fn serve(server: Arc<ServerState>, stream: TcpStream, addr: SocketAddr) {
+    let (reader, writer) = stream.into_split();
+    serve_split(server, reader, writer, addr).await
+}
+
+/// Serves a connection given as two halves, so that TLS streams can use the
+/// same code.
+pub(crate) async fn serve_split<R, W>(
+    server: Arc<ServerState>,
+    reader: R,
+    writer: W,
+    addr: SocketAddr,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let id = server.next_client_id();
+    let client = Arc::new(ClientShared::new(id, addr, server.config.max_pending));
+    server.clients.insert(id, Arc::clone(&client));
+    tracing::debug!("{client} - Client connection created");
+
+    let mut info = server.info.clone();
+    info.client_id = id;
+    info.client_ip = addr.ip().to_string();
+    let mut line = BytesMut::new();
+    encode_info(&mut line, &info);
+    let _ = client.outbound.push_bytes(&line);
+
+    let write_task = tokio::spawn(write_loop(
+        Arc::clone(&client),
+        writer,
+        server.config.write_deadline,
+    ));
+    let mut conn = Connection {
+        server,
+        client,
+        options: Options::default(),
+        pings_out: 0,
+        wakes: WakeList::default(),
+    };
+    let reason = conn.read_loop(reader).await;
+    conn.cleanup(reason, write_task).await;
+}
+
+/// Refuses a connection: INFO, then `-ERR 'text'`, then close.
+pub(crate) async fn refuse(server: Arc<ServerState>, mut stream: TcpStream, text: &'static str) {
+    let mut out = BytesMut::new();
+    encode_info(&mut out, &server.info);
+    encode_err(&mut out, &text);
+    let _ = timeout(server.config.write_deadline, stream.write_all(&out)).await;
+    let _ = stream.shutdown().await;
+}
+
+impl Connection {
+    async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut reader: R) -> CloseReason {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let period = self.server.config.ping_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + period, period);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let kill = self.client.kill.clone();
+        let shutdown = self.server.shutdown.clone();
+        loop {
+            if buf.capacity() - buf.len() < READ_MIN {
+                buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = kill.cancelled() => {
+                    return self.client.kill_reason.lock().unwrap_or(CloseReason::WriteError);
+                }
+                _ = shutdown.cancelled() => return CloseReason::ServerShutdown,
+                _ = ping.tick() => {
+                    let result = self.ping_tick();
+                    self.wakes.wake_all();
+                    if let Err(reason) = result {
+                        return reason;
+                    }
+                }
+                read = reader.read_buf(&mut buf) => {
+                    match read {
+                        Ok(0) => return CloseReason::ClientClosed,
+                        Ok(_) => {
+                            let result = self.process(&mut buf);
+                            self.wakes.wake_all();
+                            if let Err(reason) = result {
+                                return reason;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!("{} - read error: {e}", self.client);
+                            return CloseReason::ReadError;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles every complete op in `buf`.
+    fn process(&mut self, buf: &mut BytesMut) -> Result<(), CloseReason> {
+        loop {
+            match parse_client_op(buf, &self.server.limits) {
+                Ok(Some(op)) => self.handle(op)?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.protocol_error(e)),
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, e: ProtocolError) -> CloseReason {
+        tracing::warn!("{} - Client parser ERROR: {e}", self.client);
+        self.send_err(&e);
+        match e {
+            ProtocolError::MaxPayload => CloseReason::MaxPayloadExceeded,
+            ProtocolError::MaxControlLine => CloseReason::MaxControlLineExceeded,
+            ProtocolError::UnknownOperation | ProtocolError::InvalidArguments(_) => {
+                CloseReason::ParseError
+            }
+        }
+    }
+
+    fn handle(&mut self, op: ClientOp) -> Result<(), CloseReason> {
+        if self.server.config.trace {
+            tracing::trace!("{} - <<- {op:?}", self.client);
+        }
+        match op {
+            ClientOp::Pub(msg) => self.publish(msg),
+            ClientOp::Sub {
+                subject,
+                queue,
+                sid,
+            } => self.subscribe(subject, queue, sid),
+            ClientOp::Unsub { sid, max } => self.unsubscribe(&sid, max),
+            ClientOp::Ping => self.send(PONG),
+            ClientOp::Pong => self.pings_out = 0,
+            ClientOp::Connect(json) => return self.connect(&json),
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, json: &[u8]) -> Result<(), CloseReason> {
+        let options = match ConnectOptions::from_json(json) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("{} - {e}", self.client);
+                self.send_err(&"Invalid CONNECT JSON");
+                return Err(CloseReason::ParseError);
+            }
+        };
+        self.options.apply(&options);
+        self.client
+            .headers
+            .store(self.options.headers, Ordering::Relaxed);
+        if let Some(name) = options.name {
+            *self.client.name.lock() = name;
+        }
+        self.ok();
+        Ok(())
+    }
+
+    fn publish(&mut self, msg: Message) {
+        if self.options.pedantic && !subject::is_valid_literal_subject(&msg.subject) {
+            self.send_err(&"Invalid Publish Subject");
+            return;
+        }
+        let skip = (!self.options.echo).then_some(self.client.id);
+        let delivered = self.server.route(&msg, skip, &mut self.wakes);
+        if !delivered && self.options.no_responders && self.options.headers {
+            if let Some(reply) = &msg.reply {
+                self.no_responders(reply);
+            }
+        }
+        self.ok();
+    }
+
+    /// Tells the requester nobody listens: an `HMSG` with status 503 on its
+    /// own subscription that matches the reply subject.
+    fn no_responders(&mut self, reply: &Bytes) {
+        let sid = {
+            let subs = self.client.subs.lock();
+            subs.values()
+                .find(|s| subject::matches_pattern(&s.subject, reply))
+                .map(|s| s.sid.clone())
+        };
+        if let Some(sid) = sid {
+            let status = Message {
+                subject: reply.clone(),
+                reply: None,
+                header_len: Some(NO_RESPONDERS.len()),
+                payload: Bytes::from_static(NO_RESPONDERS),
+            };
+            self.client.deliver(&sid, &status, &mut self.wakes);
+        }
+    }
+
+    fn subscribe(&mut self, subject: Bytes, queue: Option<Bytes>, sid: Bytes) {
+        if !subject::is_valid_subject(&subject) {
+            self.send_err(&"Invalid Subject");
+            return;
+        }
+        let sub = {
+            let mut subs = self.client.subs.lock();
+            let max = self.server.config.max_subscriptions;
+            if subs.contains_key(&sid) {
+                // nats-server ignores a SUB that reuses a live sid.
+                None
+            } else if max > 0 && subs.len() >= max {
+                drop(subs);
+                self.send_err(&"maximum subscriptions exceeded");
+                return;
+            } else {
+                let sub = Arc::new(Subscription::new(
+                    subject,
+                    queue,
+                    sid.clone(),
+                    Subscriber::Client(Arc::clone(&self.client)),
+                ));
+                subs.insert(sid, Arc::clone(&sub));
+                Some(sub)
+            }
+        };
+        if let Some(sub) = sub {
+            // Validated above, so the insert cannot fail.
+            let _ =
+                self.server
+                    .sublist
+                    .insert(&sub.subject, sub.queue.as_deref(), Arc::clone(&sub));
+        }
+        self.ok();
+    }
+
+    fn unsubscribe(&mut self, sid: &[u8], max: Option<u64>) {
+        let sub = self.client.subs.lock().get(sid).cloned();
+        if let Some(sub) = sub {
+            let keep = matches!(max, Some(m) if m > 0 && !sub.set_max(m));
+            if !keep {
+                self.server.remove_subscription(&sub);
+            }
+        }
+        self.ok();
+    }
+
+    /// The ping timer fired: ping the client, or close it if it has not
+    /// answered `max_pings_out` pings.
+    fn ping_tick(&mut self) -> Result<(), CloseReason> {
+        if self.pings_out + 1 > self.server.config.max_pings_out {
+            tracing::debug!("{} - Stale Client Connection - Closing", self.client);
+            self.send_err(&"Stale Connection");
+            return Err(CloseReason::StaleConnection);
+        }
+        self.pings_out += 1;
+        self.send(PING);
+        Ok(())
+    }
+
+    fn ok(&mut self) {
+        if self.options.verbose {
+            self.send(OK);
+        }
+    }
+
+    fn send_err(&mut self, text: &dyn fmt::Display) {
+        let mut line = BytesMut::new();
+        encode_err(&mut line, text);
+        self.send(&line);
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        let pushed = self.client.outbound.push_bytes(bytes);
+        self.client.after_push(pushed, &mut self.wakes);
+    }
+
+    /// Removes every trace of the client from the server, then lets the
+    /// writer flush what is queued (within `write_deadline`) and close.
+    async fn cleanup(self, reason: CloseReason, write_task: tokio::task::JoinHandle<()>) {
+        let subs: Vec<_> = self.client.subs.lock().drain().map(|(_, s)| s).collect();
+        for sub in &subs {
+            self.server
+                .sublist
+                .remove(&sub.subject, sub.queue.as_deref(), sub);
+        }
+        self.server.clients.remove(&self.client.id);
+        self.client.outbound.close();
+        let deadline = self.server.config.write_deadline;
+        let mut write_task = write_task;
+        if timeout(deadline, &mut write_task).await.is_err() {
+            self.client.kill.cancel();
+            let _ = write_task.await;
+        }
+        tracing::debug!("{} - Client connection closed: {reason}", self.client);
+    }
+}
+
+/// The writer task: takes whatever is queued and writes it, until the queue
+/// is closed and empty or the client is cut off.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    client: Arc<ClientShared>,
+    mut writer: W,
+    deadline: std::time::Duration,
+) {
+    let mut chunks = VecDeque::new();
+    let mut written = 0;
+    loop {
+        if !client.outbound.take(written, &mut chunks) {
+            break;
+        }
+        written = 0;
+        if chunks.is_empty() {
+            tokio::select! {
+                _ = client.outbound.notified() => continue,
+                _ = client.kill.cancelled() => return,
+            }
+        }
+        while !chunks.is_empty() {
+            let result = tokio::select! {
+                r = timeout(deadline, write_some(&mut writer, &mut chunks)) => r,
+                _ = client.kill.cancelled() => return,
+            };
+            match result {
+                Ok(Ok(n)) => written += n,
+                Ok(Err(e)) => {
+                    tracing::debug!("{client} - write error: {e}");
+                    client.cut_off(CloseReason::WriteError);
+                    return;
+                }
+                Err(_) => {
+                    client.cut_off(CloseReason::SlowConsumerWriteDeadline);
+                    return;
+                }
+            }
+        }
+    }
+    let _ = timeout(deadline, writer.shutdown()).await;
+}
+
+/// One vectored write of the front of `chunks`; drops what was written.
+async fn write_some<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    chunks: &mut VecDeque<Bytes>,
+) -> std::io::Result<usize> {
+    let written = {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let n = chunks
+            .iter()
+            .zip(slices.iter_mut())
+            .map(|(chunk, slice)| *slice = IoSlice::new(chunk))
+            .count();
+        writer.write_vectored(&slices[..n]).await?
+    };
+    if written == 0 {
+        return Err(std::io::ErrorKind::WriteZero.into());
+    }
+    let mut left = written;
+    while left > 0 {
+        let Some(front) = chunks.front_mut() else {
+            break;
+        };
+        if front.len() <= left {
+            left -= front.len();
+            chunks.pop_front();
+        } else {
+            front.advance(left);
+            left = 0;
+        }
+    }
+    Ok(written)
+}

@@ -1,0 +1,262 @@
+//! One client's outbound queue: what the server has decided to send it and
+//! the socket has not yet taken.
+//!
+//! Publishers on any task append frames under a short mutex (never held
+//! across an `.await`); the client's writer task takes everything queued in
+//! one swap and writes it with vectored writes, so many messages share one
+//! syscall.
+//!
+//! Invariants:
+//! - The queue is bounded by `max_pending` bytes (queued plus being written).
+//!   A push that would exceed it does not enqueue: the client is marked a slow
+//!   consumer and cut off. Messages are never silently dropped for a client
+//!   that stays connected, and a publisher never waits on a slow reader.
+//! - Frames are appended whole under the lock, so the writer only ever sees
+//!   complete frames and a batch boundary is a frame boundary.
+//! - Payloads of at least [`SHARE_MIN`] bytes are queued as `Bytes` slices of
+//!   the publisher's read buffer (zero-copy). Smaller ones are copied into
+//!   the control-line arena: a few bytes copied cost less than a refcount and
+//!   an iovec, and a tiny slice must not pin a whole 64 KiB read buffer in a
+//!   slow consumer's queue (which would make `max_pending` meaningless).
+
+use std::collections::VecDeque;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::protocol::{encode_msg_header, Message, CRLF};
+
+/// Payloads this large or larger are shared, not copied.
+pub const SHARE_MIN: usize = 2048;
+
+/// Arena growth step: one allocation serves many control lines.
+const ARENA_CHUNK: usize = 64 * 1024;
+
+/// Why a push did not enqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue would exceed `max_pending`: the client must be cut off.
+    SlowConsumer,
+    /// The client is already closing.
+    Closed,
+}
+
+/// A push that succeeded; `wake` is true when the writer is idle and must be
+/// woken (by [`Outbound::wake`]) for the frame to go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pushed {
+    pub wake: bool,
+}
+
+struct Queue {
+    /// Complete, ready-to-write chunks, oldest first.
+    chunks: VecDeque<Bytes>,
+    /// Bytes appended after the last chunk: control lines and small payloads.
+    arena: BytesMut,
+    /// Bytes queued or being written, against `max_pending`.
+    pending: usize,
+    /// The writer has been asked to run and has not yet taken the queue.
+    wake_requested: bool,
+    closed: bool,
+}
+
+/// The outbound queue of one client. See the module docs for its bound.
+pub struct Outbound {
+    queue: Mutex<Queue>,
+    notify: Notify,
+    max_pending: usize,
+}
+
+impl Outbound {
+    pub fn new(max_pending: usize) -> Outbound {
+        Outbound {
+            queue: Mutex::new(Queue {
+                chunks: VecDeque::new(),
+                arena: BytesMut::new(),
+                pending: 0,
+                wake_requested: false,
+                closed: false,
+            }),
+            notify: Notify::new(),
+            max_pending,
+        }
+    }
+
+    /// Queues a `MSG`/`HMSG` delivery of `msg` for subscription `sid`.
+    /// Without `headers`, a message with headers is delivered as a plain
+    /// `MSG` with the header block stripped, as nats-server does.
+    pub fn push_msg(&self, sid: &[u8], msg: &Message, headers: bool) -> Result<Pushed, PushError> {
+        let (header_len, payload) = match msg.header_len {
+            Some(h) if headers => (Some(h), msg.payload.clone()),
+            Some(h) => (None, msg.payload.slice(h..)),
+            None => (None, msg.payload.clone()),
+        };
+        // An upper bound of the control line: verb, spaces and two numbers.
+        let line_len =
+            32 + msg.subject.len() + sid.len() + msg.reply.as_ref().map_or(0, |r| r.len());
+        let bound = line_len + payload.len() + CRLF.len();
+        self.push_with(bound, |q| {
+            reserve(&mut q.arena, line_len + SHARE_MIN);
+            let mark = q.arena.len();
+            encode_msg_header(
+                &mut q.arena,
+                &msg.subject,
+                sid,
+                msg.reply.as_deref(),
+                header_len,
+                payload.len(),
+            );
+            let added = q.arena.len() - mark + payload.len() + CRLF.len();
+            if payload.len() >= SHARE_MIN {
+                let head = q.arena.split().freeze();
+                q.chunks.push_back(head);
+                q.chunks.push_back(payload);
+            } else {
+                q.arena.put_slice(&payload);
+            }
+            q.arena.put_slice(CRLF);
+            added
+        })
+    }
+
+    /// Queues raw protocol bytes (`PONG`, `+OK`, `-ERR`, `INFO`, `PING`).
+    pub fn push_bytes(&self, bytes: &[u8]) -> Result<Pushed, PushError> {
+        self.push_with(bytes.len(), |q| {
+            reserve(&mut q.arena, bytes.len());
+            q.arena.put_slice(bytes);
+            bytes.len()
+        })
+    }
+
+    /// Appends under the lock if `bound` (an upper bound of the frame's size)
+    /// fits; `append` returns the exact number of bytes it queued.
+    fn push_with(
+        &self,
+        bound: usize,
+        append: impl FnOnce(&mut Queue) -> usize,
+    ) -> Result<Pushed, PushError> {
+        let mut q = self.queue.lock();
+        if q.closed {
+            return Err(PushError::Closed);
+        }
+        if q.pending + bound > self.max_pending {
+            return Err(PushError::SlowConsumer);
+        }
+        let added = append(&mut q);
+        q.pending += added;
+        let wake = !std::mem::replace(&mut q.wake_requested, true);
+        Ok(Pushed { wake })
+    }
+
+    /// Wakes the writer. Publishers call this once per touched client after
+    /// a whole read batch, so that one write carries the whole batch.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Refuses all further pushes. Already queued frames may still be taken.
+    pub fn close(&self) {
+        self.queue.lock().closed = true;
+        self.notify.notify_one();
+    }
+
+    /// Bytes queued or being written.
+    pub fn pending(&self) -> usize {
+        self.queue.lock().pending
+    }
+
+    /// Writer side: records that `written` bytes left, then moves every queued
+    /// chunk into `into` (which must be empty). Returns `false` when there is
+    /// nothing to write and the queue is closed: the writer is done.
+    pub(crate) fn take(&self, written: usize, into: &mut VecDeque<Bytes>) -> bool {
+        let mut q = self.queue.lock();
+        q.pending -= written.min(q.pending);
+        q.wake_requested = false;
+        if !q.arena.is_empty() {
+            let tail = q.arena.split().freeze();
+            q.chunks.push_back(tail);
+        }
+        std::mem::swap(&mut q.chunks, into);
+        !(into.is_empty() && q.closed)
+    }
+
+    /// Writer side: waits until something may have been queued.
+    pub(crate) async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// Makes room in the arena, in large steps so that appends rarely allocate.
+fn reserve(arena: &mut BytesMut, additional: usize) {
+    if arena.capacity() - arena.len() < additional {
+        arena.reserve(additional.max(ARENA_CHUNK));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(payload: &'static [u8]) -> Message {
+        Message {
+            subject: Bytes::from_static(b"foo"),
+            reply: None,
+            header_len: None,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    fn drain(out: &Outbound) -> Vec<u8> {
+        let mut chunks = VecDeque::new();
+        out.take(0, &mut chunks);
+        chunks.iter().flat_map(|c| c.iter().copied()).collect()
+    }
+
+    #[test]
+    fn frames_are_encoded_in_order_and_wake_once() {
+        let out = Outbound::new(1 << 20);
+        assert_eq!(
+            out.push_msg(b"1", &msg(b"hi"), true),
+            Ok(Pushed { wake: true })
+        );
+        assert_eq!(out.push_bytes(b"PONG\r\n"), Ok(Pushed { wake: false }));
+        let big = vec![b'x'; SHARE_MIN];
+        let big_msg = Message {
+            payload: Bytes::from(big.clone()),
+            ..msg(b"")
+        };
+        out.push_msg(b"2", &big_msg, true).unwrap();
+        let mut expected = b"MSG foo 1 2\r\nhi\r\nPONG\r\n".to_vec();
+        expected.extend_from_slice(format!("MSG foo 2 {}\r\n", SHARE_MIN).as_bytes());
+        expected.extend_from_slice(&big);
+        expected.extend_from_slice(b"\r\n");
+        assert_eq!(drain(&out), expected);
+    }
+
+    #[test]
+    fn headers_are_stripped_for_clients_without_them() {
+        let out = Outbound::new(1 << 20);
+        let m = Message {
+            header_len: Some(12),
+            ..msg(b"NATS/1.0\r\n\r\nhi")
+        };
+        out.push_msg(b"1", &m, false).unwrap();
+        assert_eq!(drain(&out), b"MSG foo 1 2\r\nhi\r\n");
+    }
+
+    #[test]
+    fn exceeding_max_pending_is_a_slow_consumer() {
+        let out = Outbound::new(100);
+        out.push_msg(b"1", &msg(b"0123456789"), true).unwrap();
+        let mut refused = false;
+        for _ in 0..10 {
+            if out.push_msg(b"1", &msg(b"0123456789"), true) == Err(PushError::SlowConsumer) {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
+        assert!(out.pending() <= 100);
+    }
+}

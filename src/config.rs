@@ -1,0 +1,253 @@
+//! Configuration: the TOML file and its defaults, as one typed [`Config`].
+//!
+//! Key names follow nats-server's (`max_payload`, `ping_interval`, ...), so
+//! people can carry their knowledge over. Unknown keys are refused with the
+//! key's name and line, because a misspelt limit silently ignored is worse
+//! than a server that does not start. Durations are written `"2m"`, `"10s"`,
+//! `"500ms"` or as a number of seconds; sizes `"1MB"`, `"64MiB"`, `"4KB"` or a
+//! number of bytes.
+//!
+//! Later layers add their own tables (`[tls]`, `[authorization]`,
+//! `[cluster]`, `[http]`) beside `[jetstream]`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Everything the server needs to start. `Config::default()` is a working
+/// single node listening on `0.0.0.0:4222`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Client listen address, `HOST:PORT`; port 0 picks a free port.
+    pub listen: String,
+    /// Name shown in INFO; defaults to the server id.
+    pub server_name: Option<String>,
+    /// Largest message a client may publish, headers included.
+    #[serde(deserialize_with = "de_size")]
+    pub max_payload: usize,
+    /// Bytes queued to one client before it is cut off as a slow consumer.
+    #[serde(deserialize_with = "de_size")]
+    pub max_pending: usize,
+    /// Most client connections at once (0: no limit).
+    pub max_connections: usize,
+    /// Longest control line a client may send.
+    #[serde(deserialize_with = "de_size")]
+    pub max_control_line: usize,
+    /// Most subscriptions per connection (0: no limit).
+    pub max_subscriptions: usize,
+    /// How often the server PINGs an idle client.
+    #[serde(deserialize_with = "de_duration")]
+    pub ping_interval: Duration,
+    /// Unanswered PINGs after which a client is stale and closed.
+    pub max_pings_out: u32,
+    /// Longest a single write to a client may block before it is cut off.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_deadline: Duration,
+    /// Log debug messages.
+    pub debug: bool,
+    /// Log every protocol operation (very verbose).
+    pub trace: bool,
+    /// Durable streams.
+    pub jetstream: JetStreamConfig,
+}
+
+/// The `[jetstream]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// Where streams are stored.
+    pub store_dir: PathBuf,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            store_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:4222".to_string(),
+            server_name: None,
+            max_payload: 1024 * 1024,
+            max_pending: 64 * 1024 * 1024,
+            max_connections: 64 * 1024,
+            max_control_line: 4096,
+            max_subscriptions: 0,
+            ping_interval: Duration::from_secs(120),
+            max_pings_out: 2,
+            write_deadline: Duration::from_secs(10),
+            debug: false,
+            trace: false,
+            jetstream: JetStreamConfig::default(),
+        }
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.max_payload == 0 {
+            return invalid("max_payload must be greater than 0");
+        }
+        if self.max_pending < self.max_payload {
+            return invalid("max_pending must be at least max_payload");
+        }
+        if self.max_control_line < 32 {
+            return invalid("max_control_line must be at least 32 bytes");
+        }
+        if self.ping_interval.is_zero() || self.write_deadline.is_zero() {
+            return invalid("ping_interval and write_deadline must be greater than 0");
+        }
+        Ok(())
+    }
+}
+
+/// A number or a string with a unit, as nats-server accepts them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => Ok(n as usize),
+        NumberOrText::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => Ok(Duration::from_secs(n)),
+        NumberOrText::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn split_unit(text: &str) -> Result<(u64, String), String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number = text[..digits]
+        .parse::<u64>()
+        .map_err(|_| format!("`{text}` does not start with a number"))?;
+    Ok((number, text[digits..].trim().to_ascii_lowercase()))
+}
+
+/// `"64MB"` → bytes. Both decimal-looking and binary units mean powers of
+/// 1024, as in nats-server.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let (n, unit) = split_unit(text)?;
+    let scale: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("unknown size unit in `{text}`")),
+    };
+    n.checked_mul(scale)
+        .map(|b| b as usize)
+        .ok_or_else(|| format!("size `{text}` is too large"))
+}
+
+/// `"2m"` → a duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (n, unit) = split_unit(text)?;
+    Ok(match unit.as_str() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("unknown duration unit in `{text}`")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_nats_servers() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.max_payload, 1 << 20);
+        assert_eq!(c.max_control_line, 4096);
+        assert_eq!(c.ping_interval, Duration::from_secs(120));
+        assert_eq!(c.max_pings_out, 2);
+        assert_eq!(c.listen, "0.0.0.0:4222");
+    }
+
+    #[test]
+    fn units_are_understood() {
+        let c = Config::from_toml(
+            "max_payload = \"2MB\"\nping_interval = \"30s\"\nwrite_deadline = 3\nmax_pending = 8388608\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_payload, 2 << 20);
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.write_deadline, Duration::from_secs(3));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let err = Config::from_toml("listen = \"127.0.0.1:0\"\nmax_paylod = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_paylod"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn impossible_values_are_refused() {
+        assert!(Config::from_toml("max_payload = 0").is_err());
+        assert!(Config::from_toml("max_payload = \"1XB\"").is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! Skiff: a lightweight, NATS-compatible message broker.
+//!
+//! One message, end to end: a client's bytes are parsed by [`protocol`] into
+//! ops; a publish is routed by the server through the [`sublist`] to each
+//! matching [`subscription`]; a client subscriber's frame is queued on its
+//! outbound queue ([`client`]) and written by its writer task, many messages
+//! per syscall.
+//!
+//! Embed a server with [`Server::start`]:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), skiff::StartError> {
+//! let config = skiff::Config { listen: "127.0.0.1:0".into(), ..Default::default() };
+//! let server = skiff::Server::start(config).await?;
+//! println!("clients connect to {}", server.client_url());
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod client;
+pub mod config;
+pub mod protocol;
+pub mod server;
+pub mod subject;
+pub mod sublist;
+pub mod subscription;
+pub mod tools;
+
+pub use config::Config;
+pub use server::{Server, ServerHandle, StartError};

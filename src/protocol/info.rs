@@ -1,0 +1,81 @@
+//! The JSON bodies of `INFO` (server → client) and `CONNECT` (client → server).
+
+use serde::{Deserialize, Serialize};
+
+/// What the server tells a client on connect. Field names are nats-server's;
+/// clients decide which features to use from `version`, `proto` and
+/// `headers`, so these must be truthful.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub server_id: String,
+    pub server_name: String,
+    pub version: String,
+    pub proto: u8,
+    #[serde(default)]
+    pub go: String,
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub headers: bool,
+    pub max_payload: usize,
+    #[serde(default)]
+    pub client_id: u64,
+    #[serde(default)]
+    pub client_ip: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auth_required: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_required: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect_urls: Vec<String>,
+}
+
+/// What a client says in `CONNECT`. Every field is optional: one the client
+/// leaves out keeps the server's default for it (nats-server decodes CONNECT
+/// over its defaults the same way), see [`ConnectOptions::merge_into`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnectOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verbose: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pedantic: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_responders: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_required: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lang: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<String>,
+}
+
+/// A `CONNECT` body that is not valid JSON of the expected shape.
+#[derive(Debug, thiserror::Error)]
+#[error("Invalid CONNECT JSON: {0}")]
+pub struct ConnectError(#[from] serde_json::Error);
+
+impl ConnectOptions {
+    pub fn from_json(json: &[u8]) -> Result<ConnectOptions, ConnectError> {
+        Ok(serde_json::from_slice(json)?)
+    }
+}

@@ -1,0 +1,251 @@
+//! The server: binds the listener, accepts clients, keeps the registry of
+//! connections and the sublist, routes each published message, and shuts
+//! down gracefully.
+//!
+//! [`Server::start`] returns a [`ServerHandle`] with the bound address, so
+//! tests, benchmarks and examples embed the server on port 0.
+//!
+//! Routing ([`ServerState::route`]) is the one place where a published
+//! message meets subscriptions: it asks the sublist (cached) who matches and
+//! hands the message to each plain subscription and to one member of each
+//! queue group. It holds no lock while doing so; each subscriber's queue has
+//! its own short lock.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::{self, ClientShared, WakeList};
+use crate::config::Config;
+use crate::protocol::{Limits, Message, ServerInfo};
+use crate::sublist::Sublist;
+use crate::subscription::{Delivery, Subscription};
+
+/// The version Skiff reports in INFO. Clients enable their modern code paths
+/// (headers, no-responders) from it, so it names the nats-server release
+/// whose client protocol Skiff implements.
+pub const PROTOCOL_VERSION: &str = "2.10.0";
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// The entry point: `Server::start(config).await` runs a server.
+pub struct Server;
+
+impl Server {
+    /// Validates `config`, binds the client listener and starts accepting.
+    pub async fn start(config: Config) -> Result<ServerHandle, StartError> {
+        config.validate()?;
+        let listener =
+            TcpListener::bind(&config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen.clone(),
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+        let state = Arc::new(ServerState::new(config, addr));
+        tracing::info!("Starting skiff {}", env!("CARGO_PKG_VERSION"));
+        tracing::info!("  Server ID: {}", state.info.server_id);
+        tracing::info!("Listening for client connections on {addr}");
+        let accept = tokio::spawn(accept_loop(Arc::clone(&state), listener));
+        tracing::info!("Server is ready");
+        Ok(ServerHandle { state, accept })
+    }
+}
+
+/// A running server. Dropping it leaves the server running; call
+/// [`ServerHandle::shutdown`] to stop it.
+pub struct ServerHandle {
+    state: Arc<ServerState>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The address clients connect to (with the real port when 0 was asked).
+    pub fn addr(&self) -> SocketAddr {
+        self.state.addr
+    }
+
+    /// `nats://host:port` for this server.
+    pub fn client_url(&self) -> String {
+        format!("nats://{}", self.state.addr)
+    }
+
+    /// Number of connected clients.
+    pub fn client_count(&self) -> usize {
+        self.state.clients.len()
+    }
+
+    /// Stops accepting, lets every client's queued output drain (each within
+    /// `write_deadline`), closes them, and returns when all are gone.
+    pub async fn shutdown(self) {
+        tracing::info!("Initiating Shutdown...");
+        self.state.shutdown.cancel();
+        let _ = self.accept.await;
+        self.state.tasks.close();
+        self.state.tasks.wait().await;
+        tracing::info!("Server Exiting..");
+    }
+}
+
+/// State shared by every connection of one server.
+pub(crate) struct ServerState {
+    pub config: Config,
+    pub addr: SocketAddr,
+    pub info: ServerInfo,
+    pub limits: Limits,
+    pub sublist: Sublist<Arc<Subscription>>,
+    pub clients: DashMap<u64, Arc<ClientShared>>,
+    next_client_id: AtomicU64,
+    pub shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl ServerState {
+    fn new(config: Config, addr: SocketAddr) -> ServerState {
+        let server_id = new_server_id();
+        let info = ServerInfo {
+            server_name: config
+                .server_name
+                .clone()
+                .unwrap_or_else(|| server_id.clone()),
+            server_id,
+            version: PROTOCOL_VERSION.to_string(),
+            proto: 1,
+            go: format!("skiff {}", env!("CARGO_PKG_VERSION")),
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            headers: true,
+            max_payload: config.max_payload,
+            ..ServerInfo::default()
+        };
+        let limits = Limits {
+            max_control_line: config.max_control_line,
+            max_payload: config.max_payload,
+        };
+        ServerState {
+            config,
+            addr,
+            info,
+            limits,
+            sublist: Sublist::new(),
+            clients: DashMap::new(),
+            next_client_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    pub fn next_client_id(&self) -> u64 {
+        self.next_client_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Delivers `msg` to every matching subscription (and one member of each
+    /// matching queue group). `skip_client` is the publisher when it asked
+    /// not to receive its own messages (`echo: false`). Returns whether
+    /// anyone received it.
+    pub fn route(&self, msg: &Message, skip_client: Option<u64>, wakes: &mut WakeList) -> bool {
+        let matches = self.sublist.matches(&msg.subject);
+        let mut delivered = false;
+        let wanted = |sub: &Subscription| match (skip_client, sub.client()) {
+            (Some(skip), Some(c)) => c.id != skip,
+            _ => true,
+        };
+        for sub in matches.plain.iter().filter(|s| wanted(s)) {
+            delivered |= self.deliver(sub, msg, wakes);
+        }
+        for group in &matches.queues {
+            // Try members in turn so that one that cannot take the message
+            // (closing, or at its auto-unsubscribe limit) does not lose it.
+            for _ in 0..group.members.len() {
+                let sub = group.pick();
+                if wanted(sub) && self.deliver(sub, msg, wakes) {
+                    delivered = true;
+                    break;
+                }
+            }
+        }
+        delivered
+    }
+
+    fn deliver(&self, sub: &Arc<Subscription>, msg: &Message, wakes: &mut WakeList) -> bool {
+        match sub.deliver(msg, wakes) {
+            Delivery::Delivered => true,
+            Delivery::DeliveredLast => {
+                self.remove_subscription(sub);
+                true
+            }
+            Delivery::Skipped => false,
+        }
+    }
+
+    /// Removes a subscription from the sublist and from its client.
+    pub fn remove_subscription(&self, sub: &Arc<Subscription>) {
+        self.sublist.remove(&sub.subject, sub.queue.as_deref(), sub);
+        if let Some(client) = sub.client() {
+            client.forget_subscription(&sub.sid);
+        }
+    }
+}
+
+async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let max = state.config.max_connections;
+                if max > 0 && state.clients.len() >= max {
+                    tracing::warn!("{peer} - maximum connections exceeded ({max})");
+                    state.tasks.spawn(client::refuse(
+                        Arc::clone(&state),
+                        stream,
+                        "maximum connections exceeded",
+                    ));
+                    continue;
+                }
+                state
+                    .tasks
+                    .spawn(client::serve(Arc::clone(&state), stream, peer));
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::error!("Error accepting client connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!("accept loop stopped");
+}
+
+/// A random server id in nats-server's style (56 upper-case characters).
+fn new_server_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut rng = rand::thread_rng();
+    std::iter::once('N')
+        .chain((0..55).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char))
+        .collect()
+}

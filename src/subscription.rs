@@ -1,0 +1,104 @@
+//! What a subscription is, and how one message is handed to it.
+//!
+//! The sublist stores `Arc<Subscription>`s; routing asks each matching one to
+//! [`Subscription::deliver`]. What happens then depends on the kind of
+//! subscriber behind it: today a client connection, whose outbound queue gets
+//! the frame. Streams (an append to the store) and cluster routes (an `RMSG`
+//! to a peer) are further kinds behind the same call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::client::{ClientShared, WakeList};
+use crate::protocol::Message;
+
+/// Who receives what a subscription matches.
+pub enum Subscriber {
+    /// A client connection: deliver as `MSG`/`HMSG` with the subscription's
+    /// sid.
+    Client(Arc<ClientShared>),
+}
+
+/// One subscription. Equality is identity (`id`), so two subscriptions with
+/// the same subject stay distinct in the sublist.
+pub struct Subscription {
+    id: u64,
+    pub subject: Bytes,
+    pub queue: Option<Bytes>,
+    pub sid: Bytes,
+    pub subscriber: Subscriber,
+    /// Auto-unsubscribe after this many deliveries in total (0: never),
+    /// nats-server's `UNSUB sid max` semantics.
+    max: AtomicU64,
+    delivered: AtomicU64,
+}
+
+impl PartialEq for Subscription {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the subscriber.
+    Delivered,
+    /// Queued, and that was the last one its auto-unsubscribe allowed: the
+    /// caller must remove the subscription.
+    DeliveredLast,
+    /// Not delivered (auto-unsubscribe limit already reached, or the
+    /// subscriber is gone or was cut off).
+    Skipped,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Subscription {
+    pub fn new(subject: Bytes, queue: Option<Bytes>, sid: Bytes, subscriber: Subscriber) -> Self {
+        Subscription {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            subject,
+            queue,
+            sid,
+            subscriber,
+            max: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+        }
+    }
+
+    /// The client behind this subscription, if it is one.
+    pub fn client(&self) -> Option<&Arc<ClientShared>> {
+        match &self.subscriber {
+            Subscriber::Client(c) => Some(c),
+        }
+    }
+
+    /// Sets the auto-unsubscribe limit. Returns `true` if the subscription
+    /// has already had that many messages and must go now.
+    pub fn set_max(&self, max: u64) -> bool {
+        self.max.store(max, Ordering::Relaxed);
+        max > 0 && self.delivered.load(Ordering::Relaxed) >= max
+    }
+
+    /// Hands `msg` to the subscriber. Wake-ups are collected in `wakes` so a
+    /// whole read batch costs each writer one wake.
+    pub fn deliver(&self, msg: &Message, wakes: &mut WakeList) -> Delivery {
+        let n = self.delivered.fetch_add(1, Ordering::Relaxed) + 1;
+        let max = self.max.load(Ordering::Relaxed);
+        if max > 0 && n > max {
+            return Delivery::Skipped;
+        }
+        let last = max > 0 && n == max;
+        let queued = match &self.subscriber {
+            Subscriber::Client(client) => client.deliver(&self.sid, msg, wakes),
+        };
+        match (queued, last) {
+            (false, _) => Delivery::Skipped,
+            (true, false) => Delivery::Delivered,
+            (true, true) => Delivery::DeliveredLast,
+        }
+    }
+}
