@@ -18,6 +18,7 @@
 //! `Subscription → ClientShared` reference cycle) and deregisters it.
 
 mod outbound;
+mod read_buffer;
 
 pub use outbound::{Outbound, PushError, Pushed, SHARE_MIN};
 
@@ -42,11 +43,8 @@ use crate::protocol::{
 use crate::server::ServerState;
 use crate::subject;
 use crate::subscription::{Subscriber, Subscription};
+use read_buffer::ReadBuffer;
 
-/// Read buffer growth step.
-const READ_CHUNK: usize = 64 * 1024;
-/// Below this much free space the read buffer is grown before reading.
-const READ_MIN: usize = 4 * 1024;
 /// Most iovecs handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 /// The status a request gets when nobody is subscribed to its subject.
@@ -304,16 +302,14 @@ pub(crate) async fn refuse(server: Arc<ServerState>, mut stream: TcpStream, text
 
 impl Connection {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut reader: R) -> CloseReason {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut buf = ReadBuffer::new();
         let period = self.server.config.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let kill = self.client.kill.clone();
         let shutdown = self.server.shutdown.clone();
         loop {
-            if buf.capacity() - buf.len() < READ_MIN {
-                buf.reserve(READ_CHUNK);
-            }
+            let room = buf.prepare();
             tokio::select! {
                 biased;
                 _ = kill.cancelled() => {
@@ -327,12 +323,14 @@ impl Connection {
                         return reason;
                     }
                 }
-                read = reader.read_buf(&mut buf) => {
+                read = reader.read_buf(&mut buf.buf) => {
                     match read {
                         Ok(0) => return CloseReason::ClientClosed,
-                        Ok(_) => {
-                            let result = self.process(&mut buf);
+                        Ok(n) => {
+                            buf.record(n, room);
+                            let result = self.process(&mut buf.buf);
                             self.wakes.wake_all();
+                            buf.settle();
                             if let Err(reason) = result {
                                 return reason;
                             }

@@ -30,8 +30,14 @@ use crate::protocol::{encode_msg_header, Message, CRLF};
 /// Payloads this large or larger are shared, not copied.
 pub const SHARE_MIN: usize = 2048;
 
-/// Arena growth step: one allocation serves many control lines.
-const ARENA_CHUNK: usize = 64 * 1024;
+/// Arena growth step while the writer is behind: one allocation serves many
+/// frames.
+const ARENA_BUSY: usize = 64 * 1024;
+/// Arena growth step for an idle queue, so that idle connections hold little.
+const ARENA_IDLE: usize = 512;
+/// A batch smaller than this means the connection is quiet: the writer
+/// releases the arena instead of keeping its capacity.
+const QUIET_BATCH: usize = 4 * 1024;
 
 /// Why a push did not enqueue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +103,7 @@ impl Outbound {
             32 + msg.subject.len() + sid.len() + msg.reply.as_ref().map_or(0, |r| r.len());
         let bound = line_len + payload.len() + CRLF.len();
         self.push_with(bound, |q| {
-            reserve(&mut q.arena, line_len + SHARE_MIN);
+            q.reserve(line_len + SHARE_MIN);
             let mark = q.arena.len();
             encode_msg_header(
                 &mut q.arena,
@@ -123,7 +129,7 @@ impl Outbound {
     /// Queues raw protocol bytes (`PONG`, `+OK`, `-ERR`, `INFO`, `PING`).
     pub fn push_bytes(&self, bytes: &[u8]) -> Result<Pushed, PushError> {
         self.push_with(bytes.len(), |q| {
-            reserve(&mut q.arena, bytes.len());
+            q.reserve(bytes.len());
             q.arena.put_slice(bytes);
             bytes.len()
         })
@@ -175,6 +181,9 @@ impl Outbound {
         q.wake_requested = false;
         if !q.arena.is_empty() {
             let tail = q.arena.split().freeze();
+            if tail.len() < QUIET_BATCH {
+                q.arena = BytesMut::new();
+            }
             q.chunks.push_back(tail);
         }
         std::mem::swap(&mut q.chunks, into);
@@ -187,10 +196,18 @@ impl Outbound {
     }
 }
 
-/// Makes room in the arena, in large steps so that appends rarely allocate.
-fn reserve(arena: &mut BytesMut, additional: usize) {
-    if arena.capacity() - arena.len() < additional {
-        arena.reserve(additional.max(ARENA_CHUNK));
+impl Queue {
+    /// Makes room in the arena: in large steps while the writer is behind,
+    /// so that appends rarely allocate, and in small ones when idle.
+    fn reserve(&mut self, additional: usize) {
+        if self.arena.capacity() - self.arena.len() < additional {
+            let step = if self.pending > 0 {
+                ARENA_BUSY
+            } else {
+                ARENA_IDLE
+            };
+            self.arena.reserve(additional.max(step));
+        }
     }
 }
 
