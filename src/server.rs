@@ -164,7 +164,7 @@ impl ServerState {
     /// not to receive its own messages (`echo: false`). Returns whether
     /// anyone received it.
     pub fn route(&self, msg: &Message, skip_client: Option<u64>, wakes: &mut WakeList) -> bool {
-        let matches = self.sublist.matches(&msg.subject);
+        let matches = self.sublist.matches(msg.subject());
         let mut delivered = false;
         let wanted = |sub: &Subscription| match (skip_client, sub.client()) {
             (Some(skip), Some(c)) => c.id != skip,

@@ -408,14 +408,14 @@ impl Connection {
     }
 
     fn publish(&mut self, msg: Message) {
-        if self.options.pedantic && !subject::is_valid_literal_subject(&msg.subject) {
+        if self.options.pedantic && !subject::is_valid_literal_subject(msg.subject()) {
             self.send_err(&"Invalid Publish Subject");
             return;
         }
         let skip = (!self.options.echo).then_some(self.client.id);
         let delivered = self.server.route(&msg, skip, &mut self.wakes);
         if !delivered && self.options.no_responders && self.options.headers {
-            if let Some(reply) = &msg.reply {
+            if let Some(reply) = msg.reply() {
                 self.no_responders(reply);
             }
         }
@@ -424,7 +424,7 @@ impl Connection {
 
     /// Tells the requester nobody listens: an `HMSG` with status 503 on its
     /// own subscription that matches the reply subject.
-    fn no_responders(&mut self, reply: &Bytes) {
+    fn no_responders(&mut self, reply: &[u8]) {
         let sid = {
             let subs = self.client.subs.lock();
             subs.values()
@@ -432,12 +432,7 @@ impl Connection {
                 .map(|s| s.sid.clone())
         };
         if let Some(sid) = sid {
-            let status = Message {
-                subject: reply.clone(),
-                reply: None,
-                header_len: Some(NO_RESPONDERS.len()),
-                payload: Bytes::from_static(NO_RESPONDERS),
-            };
+            let status = Message::new(reply, None, Some(NO_RESPONDERS.len()), NO_RESPONDERS);
             self.client.deliver(&sid, &status, &mut self.wakes);
         }
     }

@@ -93,23 +93,22 @@ impl Outbound {
     /// Without `headers`, a message with headers is delivered as a plain
     /// `MSG` with the header block stripped, as nats-server does.
     pub fn push_msg(&self, sid: &[u8], msg: &Message, headers: bool) -> Result<Pushed, PushError> {
-        let (header_len, payload) = match msg.header_len {
-            Some(h) if headers => (Some(h), msg.payload.clone()),
-            Some(h) => (None, msg.payload.slice(h..)),
-            None => (None, msg.payload.clone()),
+        let (header_len, payload) = match msg.header_len() {
+            Some(h) if headers => (Some(h), msg.payload()),
+            Some(_) => (None, msg.data()),
+            None => (None, msg.payload()),
         };
         // An upper bound of the control line: verb, spaces and two numbers.
-        let line_len =
-            32 + msg.subject.len() + sid.len() + msg.reply.as_ref().map_or(0, |r| r.len());
+        let line_len = 32 + msg.subject().len() + sid.len() + msg.reply().map_or(0, <[u8]>::len);
         let bound = line_len + payload.len() + CRLF.len();
         self.push_with(bound, |q| {
             q.reserve(line_len + SHARE_MIN);
             let mark = q.arena.len();
             encode_msg_header(
                 &mut q.arena,
-                &msg.subject,
+                msg.subject(),
                 sid,
-                msg.reply.as_deref(),
+                msg.reply(),
                 header_len,
                 payload.len(),
             );
@@ -117,9 +116,10 @@ impl Outbound {
             if payload.len() >= SHARE_MIN {
                 let head = q.arena.split().freeze();
                 q.chunks.push_back(head);
-                q.chunks.push_back(payload);
+                let body = msg.payload_bytes();
+                q.chunks.push_back(body.slice(body.len() - payload.len()..));
             } else {
-                q.arena.put_slice(&payload);
+                q.arena.put_slice(payload);
             }
             q.arena.put_slice(CRLF);
             added
@@ -215,13 +215,8 @@ impl Queue {
 mod tests {
     use super::*;
 
-    fn msg(payload: &'static [u8]) -> Message {
-        Message {
-            subject: Bytes::from_static(b"foo"),
-            reply: None,
-            header_len: None,
-            payload: Bytes::from_static(payload),
-        }
+    fn msg(payload: &[u8]) -> Message {
+        Message::new(b"foo", None, None, payload)
     }
 
     fn drain(out: &Outbound) -> Vec<u8> {
@@ -239,10 +234,7 @@ mod tests {
         );
         assert_eq!(out.push_bytes(b"PONG\r\n"), Ok(Pushed { wake: false }));
         let big = vec![b'x'; SHARE_MIN];
-        let big_msg = Message {
-            payload: Bytes::from(big.clone()),
-            ..msg(b"")
-        };
+        let big_msg = msg(&big);
         out.push_msg(b"2", &big_msg, true).unwrap();
         let mut expected = b"MSG foo 1 2\r\nhi\r\nPONG\r\n".to_vec();
         expected.extend_from_slice(format!("MSG foo 2 {}\r\n", SHARE_MIN).as_bytes());
@@ -254,10 +246,7 @@ mod tests {
     #[test]
     fn headers_are_stripped_for_clients_without_them() {
         let out = Outbound::new(1 << 20);
-        let m = Message {
-            header_len: Some(12),
-            ..msg(b"NATS/1.0\r\n\r\nhi")
-        };
+        let m = Message::new(b"foo", None, Some(12), b"NATS/1.0\r\n\r\nhi");
         out.push_msg(b"1", &m, false).unwrap();
         assert_eq!(drain(&out), b"MSG foo 1 2\r\nhi\r\n");
     }

@@ -25,30 +25,128 @@ pub use encode::{
 pub use info::{ConnectOptions, ServerInfo};
 pub use parse::{parse_client_op, parse_server_op, Limits};
 
+use std::fmt;
+use std::ops::Range;
+
 use bytes::Bytes;
 
-/// One message as published or delivered: the subject, an optional reply
-/// subject, and the body. With headers, `payload` starts with the `NATS/1.0`
-/// header block of `header_len` bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One message as published or delivered: a subject, an optional reply
+/// subject and a body (with headers, the body starts with the `NATS/1.0`
+/// header block of `header_len` bytes).
+///
+/// All parts are views into one shared `Bytes` (for a parsed op, the op's own
+/// bytes in the read buffer), so a message costs one reference count however
+/// many parts are looked at, and [`Message::payload_bytes`] shares the body
+/// without copying.
+#[derive(Clone)]
 pub struct Message {
-    pub subject: Bytes,
-    pub reply: Option<Bytes>,
-    /// Length of the header block at the start of `payload` (HPUB/HMSG), or
-    /// `None` for a plain PUB/MSG.
-    pub header_len: Option<usize>,
-    pub payload: Bytes,
+    buf: Bytes,
+    subject: Range<usize>,
+    reply: Option<Range<usize>>,
+    payload: Range<usize>,
+    header_len: Option<usize>,
 }
 
 impl Message {
-    /// The payload without its header block.
-    pub fn data(&self) -> Bytes {
-        self.payload.slice(self.header_len.unwrap_or(0)..)
+    /// A message from separate parts, copied into one buffer (for messages
+    /// the server makes itself, and tests).
+    pub fn new(
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        header_len: Option<usize>,
+        payload: &[u8],
+    ) -> Message {
+        let mut buf =
+            Vec::with_capacity(subject.len() + reply.map_or(0, <[u8]>::len) + payload.len());
+        let mut part = |bytes: &[u8]| {
+            let start = buf.len();
+            buf.extend_from_slice(bytes);
+            start..buf.len()
+        };
+        let subject = part(subject);
+        let reply = reply.map(&mut part);
+        let payload = part(payload);
+        Message {
+            buf: Bytes::from(buf),
+            subject,
+            reply,
+            payload,
+            header_len,
+        }
+    }
+
+    /// A message whose parts are the given ranges of `buf` (the parser's
+    /// zero-copy constructor). The ranges must lie within `buf`.
+    pub(crate) fn from_parts(
+        buf: Bytes,
+        subject: Range<usize>,
+        reply: Option<Range<usize>>,
+        header_len: Option<usize>,
+        payload: Range<usize>,
+    ) -> Message {
+        Message {
+            buf,
+            subject,
+            reply,
+            payload,
+            header_len,
+        }
+    }
+
+    pub fn subject(&self) -> &[u8] {
+        &self.buf[self.subject.clone()]
+    }
+
+    pub fn reply(&self) -> Option<&[u8]> {
+        self.reply.clone().map(|r| &self.buf[r])
+    }
+
+    /// Length of the header block at the start of the payload, or `None`
+    /// for a message without headers (PUB/MSG).
+    pub fn header_len(&self) -> Option<usize> {
+        self.header_len
+    }
+
+    /// The whole body, header block included.
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[self.payload.clone()]
+    }
+
+    /// The whole body as shared `Bytes` (no copy).
+    pub fn payload_bytes(&self) -> Bytes {
+        self.buf.slice(self.payload.clone())
     }
 
     /// The header block (empty without headers).
     pub fn headers(&self) -> &[u8] {
-        &self.payload[..self.header_len.unwrap_or(0)]
+        &self.payload()[..self.header_len.unwrap_or(0)]
+    }
+
+    /// The body without its header block.
+    pub fn data(&self) -> &[u8] {
+        &self.payload()[self.header_len.unwrap_or(0)..]
+    }
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.subject() == other.subject()
+            && self.reply() == other.reply()
+            && self.header_len == other.header_len
+            && self.payload() == other.payload()
+    }
+}
+
+impl Eq for Message {}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("subject", &Bytes::copy_from_slice(self.subject()))
+            .field("reply", &self.reply().map(Bytes::copy_from_slice))
+            .field("header_len", &self.header_len)
+            .field("payload", &Bytes::copy_from_slice(self.payload()))
+            .finish()
     }
 }
 

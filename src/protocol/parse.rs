@@ -309,10 +309,6 @@ impl Cut {
         self.chunk.slice(self.frame.rest.clone())
     }
 
-    fn payload(&self) -> Bytes {
-        self.chunk.slice(self.frame.payload.clone())
-    }
-
     fn nargs(&self) -> usize {
         self.frame.nargs
     }
@@ -326,13 +322,15 @@ impl Cut {
         }
     }
 
-    fn message(&self, subject: usize, reply: Option<usize>) -> Message {
-        Message {
-            subject: self.arg(subject),
-            reply: reply.map(|i| self.arg(i)),
-            header_len: self.frame.header_len,
-            payload: self.payload(),
-        }
+    fn message(self, subject: usize, reply: Option<usize>) -> Message {
+        let reply = reply.map(|i| self.frame.args[i].clone());
+        Message::from_parts(
+            self.chunk,
+            self.frame.args[subject].clone(),
+            reply,
+            self.frame.header_len,
+            self.frame.payload,
+        )
     }
 }
 
@@ -432,13 +430,13 @@ mod tests {
         Ok(ops)
     }
 
-    fn publish(subject: &'static str, reply: Option<&'static str>, body: &'static str) -> ClientOp {
-        ClientOp::Pub(Message {
-            subject: Bytes::from_static(subject.as_bytes()),
-            reply: reply.map(|r| Bytes::from_static(r.as_bytes())),
-            header_len: None,
-            payload: Bytes::from_static(body.as_bytes()),
-        })
+    fn publish(subject: &str, reply: Option<&str>, body: &str) -> ClientOp {
+        ClientOp::Pub(Message::new(
+            subject.as_bytes(),
+            reply.map(str::as_bytes),
+            None,
+            body.as_bytes(),
+        ))
     }
 
     #[test]
@@ -474,9 +472,9 @@ mod tests {
         let ClientOp::Pub(m) = &ops[0] else {
             panic!("not a pub: {ops:?}")
         };
-        assert_eq!(m.header_len, Some(12));
-        assert_eq!(&m.data()[..], b"hi");
-        assert_eq!(m.reply.as_deref(), Some(&b"r"[..]));
+        assert_eq!(m.header_len(), Some(12));
+        assert_eq!(m.data(), b"hi");
+        assert_eq!(m.reply(), Some(&b"r"[..]));
     }
 
     #[test]
@@ -538,11 +536,10 @@ mod tests {
         let ServerOp::Msg { sid, message } = &ops[1] else {
             panic!("{ops:?}")
         };
-        assert_eq!(
-            (&sid[..], message.reply.as_deref()),
-            (&b"9"[..], Some(&b"bar"[..]))
+        assert_eq!((&sid[..], message.reply()), (&b"9"[..], Some(&b"bar"[..])));
+        assert!(
+            matches!(&ops[2], ServerOp::Msg { message, .. } if message.header_len() == Some(12))
         );
-        assert!(matches!(&ops[2], ServerOp::Msg { message, .. } if message.header_len == Some(12)));
         assert_eq!(ops[3], ServerOp::Ok);
         assert_eq!(ops[4], ServerOp::Err(Bytes::from_static(b"'x y'")));
     }
