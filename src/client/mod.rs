@@ -412,6 +412,9 @@ impl Connection {
             self.send_err(&"Invalid Publish Subject");
             return;
         }
+        // nats-server acknowledges a verbose PUB before delivering it, so a
+        // client subscribed to its own subject sees +OK before the MSG.
+        self.ok();
         let skip = (!self.options.echo).then_some(self.client.id);
         let delivered = self.server.route(&msg, skip, &mut self.wakes);
         if !delivered && self.options.no_responders && self.options.headers {
@@ -419,7 +422,6 @@ impl Connection {
                 self.no_responders(reply);
             }
         }
-        self.ok();
     }
 
     /// Tells the requester nobody listens: an `HMSG` with status 503 on its
