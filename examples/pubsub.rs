@@ -27,7 +27,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     for (i, region) in ["eu", "us", "apac"].iter().enumerate() {
         let subject = format!("orders.{region}.created");
-        client.publish(subject, format!("order #{i}").into()).await?;
+        client
+            .publish(subject, format!("order #{i}").into())
+            .await?;
     }
     client.flush().await?;
 

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +25,8 @@ use tokio_util::task::TaskTracker;
 use crate::client::{self, ClientShared, WakeList};
 use crate::config::Config;
 use crate::protocol::{Limits, Message, ServerInfo};
-use crate::sublist::Sublist;
-use crate::subscription::{Delivery, Subscription};
+use crate::sublist::{InvalidSubject, Sublist};
+use crate::subscription::{Delivery, InternalSubscriber, Subscriber, Subscription};
 
 /// The version Skiff reports in INFO. Clients enable their modern code paths
 /// (headers, no-responders) from it, so it names the nats-server release
@@ -196,6 +197,33 @@ impl ServerState {
             }
             Delivery::Skipped => false,
         }
+    }
+
+    /// Publishes a message made inside the server (API replies, acks,
+    /// deliveries of stream consumers) as if a client had published it.
+    pub fn publish_internal(&self, msg: &Message) -> bool {
+        let mut wakes = WakeList::default();
+        let delivered = self.route(msg, None, &mut wakes);
+        wakes.wake_all();
+        delivered
+    }
+
+    /// Subscribes a handler inside the server to `subject`.
+    pub fn subscribe_internal(
+        &self,
+        subject: &str,
+        queue: Option<&str>,
+        handler: Arc<dyn InternalSubscriber>,
+    ) -> Result<Arc<Subscription>, InvalidSubject> {
+        let sub = Arc::new(Subscription::new(
+            Bytes::copy_from_slice(subject.as_bytes()),
+            queue.map(|q| Bytes::copy_from_slice(q.as_bytes())),
+            Bytes::new(),
+            Subscriber::Internal(handler),
+        ));
+        self.sublist
+            .insert(&sub.subject, sub.queue.as_deref(), Arc::clone(&sub))?;
+        Ok(sub)
     }
 
     /// Removes a subscription from the sublist and from its client.

@@ -221,12 +221,15 @@ impl<T: Clone + PartialEq> Sublist<T> {
 fn add_node<T: Clone>(node: &Node<T>, found: &mut Matches<T>) {
     found.plain.extend_from_slice(&node.plain);
     for (name, members) in &node.queues {
-        match found.queues.iter_mut().find(|g| &g.name == name) {
+        match found.queues.iter_mut().find(|g| g.name == name) {
             Some(group) => group.members.extend_from_slice(members),
             None => found.queues.push(QueueGroup {
                 name: name.clone(),
                 members: members.clone(),
-                next: AtomicUsize::new(0),
+                // A random start: a cached result lives only until the
+                // next subscription change, and restarting at 0 each time
+                // would send every message to the first member.
+                next: AtomicUsize::new(rand::random()),
             }),
         }
     }

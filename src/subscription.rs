@@ -2,9 +2,10 @@
 //!
 //! The sublist stores `Arc<Subscription>`s; routing asks each matching one to
 //! [`Subscription::deliver`]. What happens then depends on the kind of
-//! subscriber behind it: today a client connection, whose outbound queue gets
-//! the frame. Streams (an append to the store) and cluster routes (an `RMSG`
-//! to a peer) are further kinds behind the same call.
+//! subscriber behind it: a client connection, whose outbound queue gets the
+//! frame, or a handler inside the server (the durable-stream API, a stream
+//! capturing its subjects, acks). Cluster routes (an `RMSG` to a peer) will
+//! be one more kind behind the same call.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,6 +20,17 @@ pub enum Subscriber {
     /// A client connection: deliver as `MSG`/`HMSG` with the subscription's
     /// sid.
     Client(Arc<ClientShared>),
+    /// A handler inside the server.
+    Internal(Arc<dyn InternalSubscriber>),
+}
+
+/// A subscriber inside the server.
+///
+/// `receive` runs on the publisher's task, in the middle of routing its read
+/// batch, so it must not block or wait: it queues work for a task of its own
+/// (with a bounded queue) and returns whether it accepted the message.
+pub trait InternalSubscriber: Send + Sync {
+    fn receive(&self, msg: &Message) -> bool;
 }
 
 /// One subscription. Equality is identity (`id`), so two subscriptions with
@@ -73,6 +85,7 @@ impl Subscription {
     pub fn client(&self) -> Option<&Arc<ClientShared>> {
         match &self.subscriber {
             Subscriber::Client(c) => Some(c),
+            Subscriber::Internal(_) => None,
         }
     }
 
@@ -94,6 +107,7 @@ impl Subscription {
         let last = max > 0 && n == max;
         let queued = match &self.subscriber {
             Subscriber::Client(client) => client.deliver(&self.sid, msg, wakes),
+            Subscriber::Internal(handler) => handler.receive(msg),
         };
         match (queued, last) {
             (false, _) => Delivery::Skipped,
