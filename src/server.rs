@@ -254,9 +254,10 @@ async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
                     ));
                     continue;
                 }
+                let client = client::register(&state, peer);
                 state
                     .tasks
-                    .spawn(client::serve(Arc::clone(&state), stream, peer));
+                    .spawn(client::serve(Arc::clone(&state), client, stream));
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning.

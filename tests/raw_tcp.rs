@@ -327,6 +327,18 @@ async fn bad_connect_json_is_an_error_and_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_responders_without_headers_is_refused_as_nats_server_does() {
+    let server = start().await;
+    let mut raw = Raw::connect_info(server.addr()).await.0;
+    raw.send("CONNECT {\"verbose\":false,\"no_responders\":true}\r\nPING\r\n")
+        .await;
+    raw.expect("-ERR 'no responders requires headers support'\r\n")
+        .await;
+    raw.expect_closed().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sub_to_an_invalid_subject_is_an_error_and_the_connection_stays() {
     let server = start().await;
     let mut raw = Raw::connect_with(server.addr(), QUIET).await;

@@ -246,28 +246,35 @@ struct Connection {
     wakes: WakeList,
 }
 
+/// Registers a newly accepted connection. Called on the accept loop itself,
+/// so that `max_connections` counts every accepted client, even ones whose
+/// task has not run yet.
+pub(crate) fn register(server: &ServerState, addr: SocketAddr) -> Arc<ClientShared> {
+    let id = server.next_client_id();
+    let client = Arc::new(ClientShared::new(id, addr, server.config.max_pending));
+    server.clients.insert(id, Arc::clone(&client));
+    client
+}
+
 /// Serves one accepted TCP connection until it closes.
-pub(crate) async fn serve(server: Arc<ServerState>, stream: TcpStream, addr: SocketAddr) {
+pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, stream: TcpStream) {
     let (reader, writer) = stream.into_split();
-    serve_split(server, reader, writer, addr).await
+    serve_split(server, client, reader, writer).await
 }
 
 /// Serves a connection given as two halves, so that TLS streams can use the
 /// same code.
 pub(crate) async fn serve_split<R, W>(
     server: Arc<ServerState>,
+    client: Arc<ClientShared>,
     reader: R,
     writer: W,
-    addr: SocketAddr,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let id = server.next_client_id();
-    let client = Arc::new(ClientShared::new(id, addr, server.config.max_pending));
-    server.clients.insert(id, Arc::clone(&client));
     tracing::debug!("{client} - Client connection created");
-
+    let (id, addr) = (client.id, client.addr);
     let mut info = server.info.clone();
     info.client_id = id;
     info.client_ip = addr.ip().to_string();
@@ -397,6 +404,10 @@ impl Connection {
             }
         };
         self.options.apply(&options);
+        if self.options.no_responders && !self.options.headers {
+            self.send_err(&"no responders requires headers support");
+            return Err(CloseReason::ParseError);
+        }
         self.client
             .headers
             .store(self.options.headers, Ordering::Relaxed);
