@@ -12,10 +12,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (url, server) = match std::env::var("NATS_URL") {
         Ok(url) => (url, None),
         Err(_) => {
-            let config = skiff::Config {
+            let mut config = skiff::Config {
                 listen: "127.0.0.1:0".into(),
                 ..Default::default()
             };
+            // Core messaging only: no store needed.
+            config.jetstream.enabled = false;
             let server = skiff::Server::start(config).await?;
             (server.client_url(), Some(server))
         }

@@ -57,15 +57,56 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JetStreamConfig {
+    /// Durable streams on or off.
+    pub enabled: bool,
     /// Where streams are stored.
     pub store_dir: PathBuf,
+    /// When stored messages reach the disk: `"always"` (fsync before each
+    /// PubAck, with concurrent publishes sharing one fsync) or an interval
+    /// such as `"2m"` (faster; a crash may lose what was acknowledged since
+    /// the last sync, as with nats-server's default).
+    pub sync: SyncPolicy,
+    /// Most bytes all memory streams may hold (0: no limit).
+    #[serde(deserialize_with = "de_size")]
+    pub max_memory_store: usize,
+    /// Most bytes all file streams may hold (0: no limit).
+    #[serde(deserialize_with = "de_size")]
+    pub max_file_store: usize,
+    /// Streams (and their consumers) created or updated at start-up.
+    pub streams: Vec<crate::stream::api::StreamConfig>,
 }
 
 impl Default for JetStreamConfig {
     fn default() -> Self {
         JetStreamConfig {
+            enabled: true,
             store_dir: PathBuf::from("./data"),
+            sync: SyncPolicy::Always,
+            max_memory_store: 0,
+            max_file_store: 0,
+            streams: Vec::new(),
         }
+    }
+}
+
+/// When stream writes are fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// Before every PubAck (group commit).
+    Always,
+    /// Every interval, in the background.
+    Interval(Duration),
+}
+
+impl<'de> Deserialize<'de> for SyncPolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.eq_ignore_ascii_case("always") {
+            return Ok(SyncPolicy::Always);
+        }
+        parse_duration(&text)
+            .map(SyncPolicy::Interval)
+            .map_err(serde::de::Error::custom)
     }
 }
 

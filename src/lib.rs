@@ -21,6 +21,8 @@ pub mod client;
 pub mod config;
 pub mod protocol;
 pub mod server;
+pub mod store;
+pub mod stream;
 pub mod subject;
 pub mod sublist;
 pub mod subscription;

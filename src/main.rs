@@ -1,10 +1,15 @@
 //! The `skiff` binary: command-line parsing, config loading and logging
-//! set-up. Everything else lives in the library.
+//! set-up. Everything else lives in the library (the client commands and the
+//! benchmark in `skiff::tools`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use skiff::config::{parse_duration, parse_size};
+use skiff::tools::bench::{self, BenchOptions, Scenario};
+use skiff::tools::{commands, DEFAULT_URL};
 use skiff::{Config, Server};
 
 #[derive(Parser)]
@@ -22,6 +27,135 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Publish a message.
+    Pub(PubArgs),
+    /// Print the messages published to a subject.
+    Sub(SubArgs),
+    /// Send a request and print the reply.
+    Req(ReqArgs),
+    /// Answer every request on a subject with the same data.
+    Reply(ReplyArgs),
+    /// Measure a NATS server (Skiff or another) under load.
+    Bench(BenchArgs),
+}
+
+/// How the client commands reach a server. TLS and credential flags belong
+/// here too.
+#[derive(Args)]
+struct ConnectArgs {
+    /// Server URL.
+    #[arg(short = 's', long = "server", default_value = DEFAULT_URL)]
+    server: String,
+}
+
+#[derive(Args)]
+struct PubArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    subject: String,
+    #[arg(default_value = "")]
+    data: String,
+    /// Publish the message this many times.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+}
+
+#[derive(Args)]
+struct SubArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    subject: String,
+    /// Join this queue group.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+#[derive(Args)]
+struct ReqArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    subject: String,
+    #[arg(default_value = "")]
+    data: String,
+    /// How long to wait for the reply.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Args)]
+struct ReplyArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    subject: String,
+    #[arg(default_value = "")]
+    data: String,
+    /// Join this queue group.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Exit after this many requests.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Messages in total [default: 1,000,000; reqrep: 20,000].
+    #[arg(long)]
+    msgs: Option<u64>,
+    /// Payload size, e.g. 16 or 1KiB [default: 16].
+    #[arg(long, value_parser = parse_size)]
+    size: Option<usize>,
+    /// Publishers [default: 1].
+    #[arg(long)]
+    pubs: Option<usize>,
+    /// Subscribers (repliers for reqrep) [default: pubsub 1, fanout and queue 4].
+    #[arg(long)]
+    subs: Option<usize>,
+    /// Idle connections for the conns scenario [default: 10,000].
+    #[arg(long)]
+    conns: Option<usize>,
+    /// Subject to publish on [default: bench].
+    #[arg(long)]
+    subject: Option<String>,
+    /// Bound on the whole run, e.g. 30s [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// conns: the server's process id, to measure its memory per connection.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Print the summary as CSV (a header and one row).
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
+    /// Print the summary as one line of JSON.
+    #[arg(long)]
+    json: bool,
+    /// Do not draw the progress bar (never drawn when stdout is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl BenchArgs {
+    /// The scenario's defaults with the given flags on top.
+    fn options(&self) -> BenchOptions {
+        let mut o = BenchOptions::new(&self.connect.server, self.scenario);
+        o.msgs = self.msgs.unwrap_or(o.msgs);
+        o.size = self.size.unwrap_or(o.size);
+        o.pubs = self.pubs.unwrap_or(o.pubs);
+        o.subs = self.subs.unwrap_or(o.subs);
+        o.conns = self.conns.unwrap_or(o.conns);
+        o.subject = self.subject.clone().unwrap_or(o.subject);
+        o.timeout = self.timeout.unwrap_or(o.timeout);
+        o.server_pid = self.server_pid;
+        o.progress = !self.no_progress;
+        o
+    }
 }
 
 #[derive(Args)]
@@ -105,9 +239,67 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let report = bench::run(&args.options()).await?;
+    if args.json {
+        println!("{}", report.json());
+    } else if args.csv {
+        print!("{}", report.csv());
+    } else {
+        print!("{report}");
+    }
+    Ok(report.check()?)
+}
+
+async fn subscribe(
+    connect: ConnectArgs,
+    subject: &str,
+    queue: Option<&str>,
+    count: Option<u64>,
+    reply_with: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    let mut conn = commands::listen(&connect.server, subject, queue).await?;
+    eprintln!("Listening on \"{subject}\"");
+    commands::receive(&mut conn, count, reply_with, &mut std::io::stdout().lock()).await?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
+        Command::Pub(a) => {
+            commands::publish(&a.connect.server, &a.subject, a.data.as_bytes(), a.count).await?;
+            eprintln!(
+                "Published {} x {} bytes to \"{}\"",
+                a.count,
+                a.data.len(),
+                a.subject
+            );
+            Ok(())
+        }
+        Command::Sub(a) => {
+            subscribe(a.connect, &a.subject, a.queue.as_deref(), a.count, None).await
+        }
+        Command::Reply(a) => {
+            let data = a.data.as_bytes();
+            subscribe(
+                a.connect,
+                &a.subject,
+                a.queue.as_deref(),
+                a.count,
+                Some(data),
+            )
+            .await
+        }
+        Command::Req(a) => {
+            let (reply, rtt) =
+                commands::request(&a.connect.server, &a.subject, a.data.as_bytes(), a.timeout)
+                    .await?;
+            eprintln!("Received with rtt {rtt:?}");
+            println!("{}", String::from_utf8_lossy(reply.data()));
+            Ok(())
+        }
+        Command::Bench(args) => bench(args).await,
     }
 }

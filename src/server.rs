@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::client::{self, ClientShared, WakeList};
 use crate::config::Config;
 use crate::protocol::{Limits, Message, ServerInfo};
+use crate::stream::JetStream;
 use crate::sublist::{InvalidSubject, Sublist};
 use crate::subscription::{Delivery, InternalSubscriber, Subscriber, Subscription};
 
@@ -38,6 +39,8 @@ pub const PROTOCOL_VERSION: &str = "2.10.0";
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("durable streams: {0}")]
+    JetStream(#[from] crate::stream::JetStreamError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -66,6 +69,10 @@ impl Server {
         let state = Arc::new(ServerState::new(config, addr));
         tracing::info!("Starting skiff {}", env!("CARGO_PKG_VERSION"));
         tracing::info!("  Server ID: {}", state.info.server_id);
+        if state.config.jetstream.enabled {
+            let js = JetStream::start(&state, &state.config.jetstream)?;
+            let _ = state.jetstream.set(js);
+        }
         tracing::info!("Listening for client connections on {addr}");
         let accept = tokio::spawn(accept_loop(Arc::clone(&state), listener));
         tracing::info!("Server is ready");
@@ -102,6 +109,9 @@ impl ServerHandle {
         tracing::info!("Initiating Shutdown...");
         self.state.shutdown.cancel();
         let _ = self.accept.await;
+        if let Some(js) = self.state.jetstream.get() {
+            js.shutdown();
+        }
         self.state.tasks.close();
         self.state.tasks.wait().await;
         tracing::info!("Server Exiting..");
@@ -116,6 +126,8 @@ pub(crate) struct ServerState {
     pub limits: Limits,
     pub sublist: Sublist<Arc<Subscription>>,
     pub clients: DashMap<u64, Arc<ClientShared>>,
+    /// Durable streams, when enabled.
+    pub jetstream: OnceLock<Arc<JetStream>>,
     next_client_id: AtomicU64,
     pub shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -136,6 +148,7 @@ impl ServerState {
             host: addr.ip().to_string(),
             port: addr.port(),
             headers: true,
+            jetstream: config.jetstream.enabled,
             max_payload: config.max_payload,
             ..ServerInfo::default()
         };
@@ -150,6 +163,7 @@ impl ServerState {
             limits,
             sublist: Sublist::new(),
             clients: DashMap::new(),
+            jetstream: OnceLock::new(),
             next_client_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -165,7 +179,21 @@ impl ServerState {
     /// not to receive its own messages (`echo: false`). Returns whether
     /// anyone received it.
     pub fn route(&self, msg: &Message, skip_client: Option<u64>, wakes: &mut WakeList) -> bool {
-        let matches = self.sublist.matches(msg.subject());
+        self.route_to(msg.subject(), msg, skip_client, wakes)
+    }
+
+    /// Like [`ServerState::route`], but to the subscribers of `target`
+    /// while the delivered message keeps its own subject: how stream
+    /// consumers deliver a stored message to a pull request's inbox or a
+    /// push consumer's deliver subject.
+    pub fn route_to(
+        &self,
+        target: &[u8],
+        msg: &Message,
+        skip_client: Option<u64>,
+        wakes: &mut WakeList,
+    ) -> bool {
+        let matches = self.sublist.matches(target);
         let mut delivered = false;
         let wanted = |sub: &Subscription| match (skip_client, sub.client()) {
             (Some(skip), Some(c)) => c.id != skip,
@@ -199,11 +227,11 @@ impl ServerState {
         }
     }
 
-    /// Publishes a message made inside the server (API replies, acks,
-    /// deliveries of stream consumers) as if a client had published it.
-    pub fn publish_internal(&self, msg: &Message) -> bool {
+    /// Sends a message made inside the server (API replies, acks,
+    /// deliveries of stream consumers) to the subscribers of `target`.
+    pub fn send_internal(&self, target: &[u8], msg: &Message) -> bool {
         let mut wakes = WakeList::default();
-        let delivered = self.route(msg, None, &mut wakes);
+        let delivered = self.route_to(target, msg, None, &mut wakes);
         wakes.wake_all();
         delivered
     }

@@ -60,6 +60,21 @@ pub fn matches_pattern(pattern: &[u8], subject: &[u8]) -> bool {
     subject_tokens.next().is_none()
 }
 
+/// Whether two subscription patterns can match a common subject (stream
+/// subjects must not overlap).
+pub fn patterns_overlap(a: &[u8], b: &[u8]) -> bool {
+    let mut a_tokens = tokens(a);
+    let mut b_tokens = tokens(b);
+    loop {
+        match (a_tokens.next(), b_tokens.next()) {
+            (None, None) => return true,
+            (Some(x), Some(y)) if x == FULL_WILDCARD || y == FULL_WILDCARD => return true,
+            (Some(x), Some(y)) if x == SINGLE_WILDCARD || y == SINGLE_WILDCARD || x == y => {}
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +102,16 @@ mod tests {
         assert!(is_valid_literal_subject(b"foo*.bar"));
         assert!(!is_valid_literal_subject(b"foo.*"));
         assert!(!is_valid_literal_subject(b"foo.>"));
+    }
+
+    #[test]
+    fn overlapping_patterns() {
+        assert!(patterns_overlap(b"orders.*", b"orders.eu"));
+        assert!(patterns_overlap(b"orders.>", b"*.eu.x"));
+        assert!(patterns_overlap(b"a.b", b"a.b"));
+        assert!(!patterns_overlap(b"orders.*", b"orders.eu.x"));
+        assert!(!patterns_overlap(b"a", b"a.>"));
+        assert!(!patterns_overlap(b"a.b", b"a.c"));
     }
 
     #[test]

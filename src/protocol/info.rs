@@ -23,6 +23,8 @@ pub struct ServerInfo {
     #[serde(default)]
     pub client_ip: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jetstream: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auth_required: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls_required: bool,

@@ -15,6 +15,7 @@
 //!   `Display`, so `-ERR` lines are written in exactly one place.
 
 mod encode;
+pub mod headers;
 mod info;
 mod parse;
 

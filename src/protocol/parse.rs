@@ -76,7 +76,7 @@ impl Verb {
     }
 
     /// Verbs a client may send; the rest are the server's.
-    fn from_client(self) -> bool {
+    fn sent_by_client(self) -> bool {
         matches!(
             self,
             Verb::Connect
@@ -89,7 +89,7 @@ impl Verb {
         )
     }
 
-    fn from_server(self) -> bool {
+    fn sent_by_server(self) -> bool {
         matches!(
             self,
             Verb::Info | Verb::Msg | Verb::HMsg | Verb::Ok | Verb::Err | Verb::Ping | Verb::Pong
@@ -238,7 +238,9 @@ fn sizes(verb: Verb, args: &[&[u8]]) -> Result<(Option<usize>, usize), ProtocolE
 fn frame(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
     let (after_line, body) = match line(input) {
         Ok(done) => done,
-        Err(_) if input.len() > limits.max_control_line => {
+        // A trailing `\r` may be the start of the line end: it does not
+        // count, as it would not once the `\n` arrives.
+        Err(_) if input.strip_suffix(b"\r").unwrap_or(input).len() > limits.max_control_line => {
             return Err(ProtocolError::MaxControlLine)
         }
         Err(_) => return Ok(None),
@@ -248,7 +250,11 @@ fn frame(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> 
     }
     let (rest, verb) = verb(body).map_err(|_| ProtocolError::UnknownOperation)?;
     let (rest, _) = space0::<_, ()>(rest).map_err(|_| ProtocolError::UnknownOperation)?;
-    let args = Args::split(rest).ok_or(ProtocolError::InvalidArguments(verb.name()))?;
+    // CONNECT, INFO and -ERR take free text (JSON may hold any number of
+    // blanks), not arguments.
+    let free_text = matches!(verb, Verb::Connect | Verb::Info | Verb::Err);
+    let args = Args::split(if free_text { &[] } else { rest })
+        .ok_or(ProtocolError::InvalidArguments(verb.name()))?;
     let argv = args.as_slice();
     let arity_ok = match verb {
         Verb::Connect | Verb::Info | Verb::Err => !rest.is_empty(),
@@ -355,7 +361,7 @@ pub fn parse_client_op(
     buf: &mut BytesMut,
     limits: &Limits,
 ) -> Result<Option<ClientOp>, ProtocolError> {
-    let Some(cut) = next_frame(buf, limits, Verb::from_client)? else {
+    let Some(cut) = next_frame(buf, limits, Verb::sent_by_client)? else {
         return Ok(None);
     };
     let n = cut.nargs();
@@ -395,7 +401,7 @@ pub fn parse_server_op(
     buf: &mut BytesMut,
     limits: &Limits,
 ) -> Result<Option<ServerOp>, ProtocolError> {
-    let Some(cut) = next_frame(buf, limits, Verb::from_server)? else {
+    let Some(cut) = next_frame(buf, limits, Verb::sent_by_server)? else {
         return Ok(None);
     };
     let n = cut.nargs();

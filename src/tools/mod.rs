@@ -1,1 +1,10 @@
-//! Client-side tools.
+//! Client-side tools: a small NATS client ([`conn`]), the `skiff pub`, `sub`,
+//! `req` and `reply` commands ([`commands`]) and `skiff bench` ([`bench`]).
+//! They speak the client protocol through [`crate::protocol`], so they work
+//! against Skiff and any other NATS server alike.
+
+pub mod bench;
+pub mod commands;
+pub mod conn;
+
+pub use conn::{Connection, Error, DEFAULT_URL};

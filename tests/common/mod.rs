@@ -39,6 +39,8 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> ServerHandle {
         listen: "127.0.0.1:0".into(),
         ..Default::default()
     };
+    // Core tests run many servers at once: no shared store under ./data.
+    config.jetstream.enabled = false;
     tweak(&mut config);
     Server::start(config).await.expect("server starts")
 }

@@ -1,0 +1,877 @@
+//! File storage (`storage: file`): every stream of the server in one fjall
+//! database under `jetstream.store_dir`.
+//!
+//! Layout. A `catalog` keyspace maps `s/<stream name>` to a numeric id
+//! (`next_id` holds the next one; ids are never reused, so a recreated
+//! stream never meets its predecessor's files). Stream `N` has three
+//! keyspaces:
+//! - `mN`: messages, key = sequence (8 bytes big-endian, so key order is
+//!   sequence order and a range read starts anywhere), value =
+//!   `[version 1][timestamp i64][header_len u32][subject_len u16][subject][payload]`;
+//! - `iN`: subject index, key = `subject ++ 0x00 ++ sequence`, value = the
+//!   message's size (u64): a subject's messages are one key range, and
+//!   purges and counts never read message bodies;
+//! - `rN`: records: `state` (last sequence and timestamp, message and byte
+//!   counts, rewritten in every batch), `meta` (the stream config, opaque),
+//!   `c/<consumer>` (each consumer's config and state, opaque).
+//!
+//! The catalog's `gen` key numbers every batch of the database, and the
+//! file `skiff.synced` beside fjall's files holds the last number known
+//! durable (see [`SyncGroup`]).
+//!
+//! Recovery reads `state`, the first and last message keys, and the subject
+//! index (keys only) to rebuild the per-subject summary; it never reads all
+//! message bodies. Every change is one fjall batch, atomic across the
+//! three keyspaces, so the pieces always agree; if they do not, opening
+//! fails with [`StoreError::Corrupt`].
+//!
+//! Durability. A batch reaches the OS when committed; [`SyncGroup`] turns
+//! concurrent `sync` calls into shared fsyncs of the journal (one journal
+//! for the whole database, so one fsync covers every stream), and detects
+//! on open a journal that lost writes confirmed durable.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::{Condvar, Mutex};
+
+use super::engine::{
+    Backend, Batch, Durability, IndexEntry, Iter, PersistedState, Recovered, StreamEngine,
+    SubjectState,
+};
+use super::{Result, StoreError, StoreLimits, StoredMessage, StreamStore};
+
+/// A stream stored on disk; opened with [`FileStorage::open_stream`].
+pub type FileStore = StreamEngine<FileBackend>;
+
+const CATALOG: &str = "catalog";
+const STREAM_PREFIX: &[u8] = b"s/";
+const NEXT_ID: &[u8] = b"next_id";
+const STATE_KEY: &[u8] = b"state";
+const META_KEY: &[u8] = b"meta";
+const CONSUMER_PREFIX: &[u8] = b"c/";
+
+const MESSAGE_VERSION: u8 = 1;
+const MESSAGE_HEADER: usize = 1 + 8 + 4 + 2;
+const STATE_VERSION: u8 = 1;
+const STATE_LEN: usize = 1 + 8 * 4;
+
+/// Turns an fjall error into a [`StoreError`]: I/O failures stay I/O,
+/// anything about the content of files (checksums, truncation, bad tags) is
+/// corruption.
+fn fjall_error(context: impl Into<String>) -> impl FnOnce(fjall::Error) -> StoreError {
+    move |e| {
+        let context = context.into();
+        let io_source = match e {
+            fjall::Error::Io(source) | fjall::Error::Storage(fjall::LsmError::Io(source)) => source,
+            fjall::Error::Locked => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the store directory is in use by another process",
+            ),
+            fjall::Error::Poisoned => {
+                io::Error::other("an earlier write or fsync failed; reopen the store")
+            }
+            other => {
+                return StoreError::corrupt(format!("{context}: {other:?}"));
+            }
+        };
+        match io_source.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => {
+                StoreError::corrupt(format!("{context}: {io_source}"))
+            }
+            _ => StoreError::Io {
+                context,
+                source: io_source,
+            },
+        }
+    }
+}
+
+fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let b: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+fn decode_seq(key: &[u8]) -> Result<u64> {
+    match key.try_into() {
+        Ok(b) => Ok(u64::from_be_bytes(b)),
+        Err(_) => Err(StoreError::corrupt(format!(
+            "message key of {} bytes",
+            key.len()
+        ))),
+    }
+}
+
+fn encode_message(m: &StoredMessage) -> Vec<u8> {
+    let mut v = Vec::with_capacity(MESSAGE_HEADER + m.subject.len() + m.payload.len());
+    v.push(MESSAGE_VERSION);
+    v.extend_from_slice(&m.timestamp.to_be_bytes());
+    // Both fit: the engine refuses longer subjects and payloads.
+    v.extend_from_slice(&(m.header_len as u32).to_be_bytes());
+    v.extend_from_slice(&(m.subject.len() as u16).to_be_bytes());
+    v.extend_from_slice(&m.subject);
+    v.extend_from_slice(&m.payload);
+    v
+}
+
+fn decode_message(seq: u64, v: &[u8]) -> Result<StoredMessage> {
+    let bad = |why: &str| StoreError::corrupt(format!("message {seq}: {why}"));
+    if v.first() != Some(&MESSAGE_VERSION) || v.len() < MESSAGE_HEADER {
+        return Err(bad("unknown version or short header"));
+    }
+    let timestamp = be_u64(v, 1).ok_or_else(|| bad("short header"))? as i64;
+    let header_len = u32::from_be_bytes([v[9], v[10], v[11], v[12]]) as usize;
+    let subject_len = u16::from_be_bytes([v[13], v[14]]) as usize;
+    let rest = &v[MESSAGE_HEADER..];
+    if subject_len == 0 || subject_len > rest.len() {
+        return Err(bad("subject length out of range"));
+    }
+    let (subject, payload) = rest.split_at(subject_len);
+    if header_len > payload.len() {
+        return Err(bad("header length exceeds payload"));
+    }
+    Ok(StoredMessage {
+        seq,
+        subject: Bytes::copy_from_slice(subject),
+        header_len,
+        payload: Bytes::copy_from_slice(payload),
+        timestamp,
+    })
+}
+
+fn index_key(subject: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(subject.len() + 9);
+    k.extend_from_slice(subject);
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Splits an index key into subject and sequence.
+fn split_index_key(key: &[u8]) -> Result<(&[u8], u64)> {
+    let bad = || StoreError::corrupt(format!("index key of {} bytes", key.len()));
+    let split = key
+        .len()
+        .checked_sub(9)
+        .filter(|&s| s > 0)
+        .ok_or_else(bad)?;
+    if key[split] != 0 {
+        return Err(bad());
+    }
+    let seq = be_u64(key, split + 1).ok_or_else(bad)?;
+    Ok((&key[..split], seq))
+}
+
+fn decode_size(v: &[u8]) -> Result<u64> {
+    match v.try_into() {
+        Ok(b) => Ok(u64::from_be_bytes(b)),
+        Err(_) => Err(StoreError::corrupt("index value is not a size")),
+    }
+}
+
+fn encode_state(s: &PersistedState) -> [u8; STATE_LEN] {
+    let mut v = [0u8; STATE_LEN];
+    v[0] = STATE_VERSION;
+    v[1..9].copy_from_slice(&s.last_seq.to_be_bytes());
+    v[9..17].copy_from_slice(&s.last_ts.to_be_bytes());
+    v[17..25].copy_from_slice(&s.messages.to_be_bytes());
+    v[25..33].copy_from_slice(&s.bytes.to_be_bytes());
+    v
+}
+
+fn decode_state(v: &[u8]) -> Result<PersistedState> {
+    let bad = || StoreError::corrupt("stream state record malformed");
+    if v.len() != STATE_LEN || v[0] != STATE_VERSION {
+        return Err(bad());
+    }
+    Ok(PersistedState {
+        last_seq: be_u64(v, 1).ok_or_else(bad)?,
+        last_ts: be_u64(v, 9).ok_or_else(bad)? as i64,
+        messages: be_u64(v, 17).ok_or_else(bad)?,
+        bytes: be_u64(v, 25).ok_or_else(bad)?,
+    })
+}
+
+/// Every write of the database goes through here: batches are numbered
+/// (the generation, stored in the batch itself) and `sync` is a group
+/// commit.
+///
+/// Group commit: `sync` callers that arrive while an fsync is running wait
+/// for it and then for at most one more, which covers all their writes. A
+/// caller's target is the generation committed when it calls (its own
+/// writes included); the leader reads the committed generation just before
+/// its fsync, and everything up to it is then in the journal.
+///
+/// Lost-write detection: fjall treats an undecodable journal batch as a torn
+/// tail and silently drops it and everything after it, which after media
+/// damage would lose writes that `sync` had confirmed. So after each fsync
+/// the leader writes the synced generation to a marker file (no fsync of
+/// its own: a stale marker only weakens the check), and opening refuses a
+/// database whose recovered generation is below the marker's.
+pub struct SyncGroup {
+    db: Database,
+    catalog: Keyspace,
+    /// The last committed generation; held while committing, so generations
+    /// follow journal order.
+    commit: Mutex<u64>,
+    committed: AtomicU64,
+    state: Mutex<SyncState>,
+    done: Condvar,
+    fsyncs: AtomicU64,
+    marker: Mutex<std::fs::File>,
+}
+
+struct SyncState {
+    synced: u64,
+    leader: bool,
+}
+
+const GEN_KEY: &[u8] = b"gen";
+const MARKER_FILE: &str = "skiff.synced";
+
+impl SyncGroup {
+    /// Resumes numbering from the database and checks it against the marker.
+    fn open(db: Database, catalog: Keyspace, dir: &Path) -> Result<SyncGroup> {
+        let recovered = match catalog.get(GEN_KEY).map_err(fjall_error("read catalog"))? {
+            Some(v) => be_u64(&v, 0).ok_or_else(|| StoreError::corrupt("catalog generation"))?,
+            None => 0,
+        };
+        let path = dir.join(MARKER_FILE);
+        let io = |context: &str| {
+            let context = format!("{context} {}", path.display());
+            move |source| StoreError::Io { context, source }
+        };
+        let synced = match std::fs::read(&path) {
+            Ok(bytes) => decode_marker(&bytes)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io("read")(e)),
+        };
+        if recovered < synced {
+            return Err(StoreError::corrupt(format!(
+                "database in {} recovered writes up to #{recovered}, but #{synced} were \
+                 confirmed durable: its journal is damaged",
+                dir.display()
+            )));
+        }
+        let marker = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("open"))?;
+        Ok(SyncGroup {
+            db,
+            catalog,
+            commit: Mutex::new(recovered),
+            committed: AtomicU64::new(recovered),
+            state: Mutex::new(SyncState {
+                synced: recovered,
+                leader: false,
+            }),
+            done: Condvar::new(),
+            fsyncs: AtomicU64::new(0),
+            marker: Mutex::new(marker),
+        })
+    }
+
+    /// Commits a batch (to the OS, not yet durable) under the next generation.
+    fn commit(&self, mut batch: fjall::OwnedWriteBatch, context: String) -> Result<()> {
+        let mut generation = self.commit.lock();
+        let next = *generation + 1;
+        batch.insert(&self.catalog, GEN_KEY, next.to_be_bytes());
+        batch.commit().map_err(fjall_error(context))?;
+        *generation = next;
+        self.committed.store(next, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn write_marker(&self, synced: u64) -> Result<()> {
+        use std::io::{Seek, Write};
+        let file = self.marker.lock();
+        let mut f = &*file;
+        f.seek(io::SeekFrom::Start(0))
+            .and_then(|_| f.write_all(&encode_marker(synced)))
+            .map_err(|source| StoreError::Io {
+                context: format!("write {MARKER_FILE}"),
+                source,
+            })
+    }
+}
+
+/// The generation, then its complement, so that a damaged marker is seen.
+fn encode_marker(synced: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&synced.to_be_bytes());
+    v[8..].copy_from_slice(&(!synced).to_be_bytes());
+    v
+}
+
+fn decode_marker(v: &[u8]) -> Result<u64> {
+    match (be_u64(v, 0), be_u64(v, 8)) {
+        (Some(a), Some(b)) if v.len() == 16 && a == !b => Ok(a),
+        _ => Err(StoreError::corrupt(format!("{MARKER_FILE} is damaged"))),
+    }
+}
+
+impl Durability for SyncGroup {
+    fn sync(&self) -> Result<()> {
+        let target = self.committed.load(Ordering::SeqCst);
+        let mut state = self.state.lock();
+        loop {
+            if state.synced >= target {
+                return Ok(());
+            }
+            if !state.leader {
+                break;
+            }
+            self.done.wait(&mut state);
+        }
+        state.leader = true;
+        drop(state);
+        let upto = self.committed.load(Ordering::SeqCst);
+        let result = self
+            .db
+            .persist(PersistMode::SyncAll)
+            .map_err(fjall_error("fsync"))
+            .and_then(|()| self.write_marker(upto));
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state.lock();
+        state.leader = false;
+        if result.is_ok() {
+            state.synced = state.synced.max(upto);
+        }
+        drop(state);
+        // On failure a waiter becomes leader and meets the error itself.
+        self.done.notify_all();
+        result
+    }
+
+    fn sync_count(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
+    }
+}
+
+struct Shared {
+    db: Database,
+    catalog: Keyspace,
+    sync: Arc<SyncGroup>,
+    /// Streams currently open, so that one stream never has two engines.
+    open: Mutex<HashMap<String, Weak<FileStore>>>,
+    dir: PathBuf,
+}
+
+fn keyspace_names(id: u64) -> [String; 3] {
+    [format!("m{id}"), format!("i{id}"), format!("r{id}")]
+}
+
+/// The id of a keyspace named by [`keyspace_names`].
+fn keyspace_id(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix(['m', 'i', 'r'])?;
+    rest.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| rest.parse().ok())
+        .flatten()
+}
+
+fn stream_key(name: &str) -> Vec<u8> {
+    [STREAM_PREFIX, name.as_bytes()].concat()
+}
+
+impl Shared {
+    fn keyspace(&self, name: &str) -> Result<Keyspace> {
+        self.db
+            .keyspace(name, KeyspaceCreateOptions::default)
+            .map_err(fjall_error(format!("open keyspace {name}")))
+    }
+
+    fn stream_ids(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for guard in self.catalog.prefix(STREAM_PREFIX) {
+            let (k, v) = guard.into_inner().map_err(fjall_error("read catalog"))?;
+            let name = std::str::from_utf8(&k[STREAM_PREFIX.len()..])
+                .map_err(|_| StoreError::corrupt("stream name in catalog is not UTF-8"))?;
+            let id = be_u64(&v, 0)
+                .filter(|_| v.len() == 8)
+                .ok_or_else(|| StoreError::corrupt(format!("catalog entry of stream {name}")))?;
+            out.push((name.to_string(), id));
+        }
+        Ok(out)
+    }
+
+    fn stream_id(&self, name: &str) -> Result<Option<u64>> {
+        let Some(v) = self
+            .catalog
+            .get(stream_key(name))
+            .map_err(fjall_error("read catalog"))?
+        else {
+            return Ok(None);
+        };
+        match be_u64(&v, 0).filter(|_| v.len() == 8) {
+            Some(id) => Ok(Some(id)),
+            None => Err(StoreError::corrupt(format!(
+                "catalog entry of stream {name}"
+            ))),
+        }
+    }
+
+    /// Registers a new stream. Its keyspaces are created first: a crash in
+    /// between leaves orphans, which the next open deletes.
+    fn create_stream(&self, name: &str) -> Result<u64> {
+        let id = match self
+            .catalog
+            .get(NEXT_ID)
+            .map_err(fjall_error("read catalog"))?
+        {
+            Some(v) => be_u64(&v, 0).ok_or_else(|| StoreError::corrupt("catalog next_id"))?,
+            None => 1,
+        };
+        for ks in keyspace_names(id) {
+            self.keyspace(&ks)?;
+        }
+        let mut batch = self.db.batch();
+        batch.insert(&self.catalog, stream_key(name), id.to_be_bytes());
+        batch.insert(&self.catalog, NEXT_ID, (id + 1).to_be_bytes());
+        self.sync.commit(batch, "write catalog".into())?;
+        // Creating a stream is rare and the caller will rely on it.
+        self.sync.sync()?;
+        Ok(id)
+    }
+
+    /// Unregisters a stream (durably) and deletes its keyspaces.
+    fn drop_stream(&self, name: &str, id: u64) -> Result<()> {
+        let mut batch = self.db.batch();
+        batch.remove(&self.catalog, stream_key(name));
+        self.sync.commit(batch, "write catalog".into())?;
+        self.sync.sync()?;
+        self.delete_keyspaces(id)
+    }
+
+    fn delete_keyspaces(&self, id: u64) -> Result<()> {
+        for ks in keyspace_names(id) {
+            if self.db.keyspace_exists(&ks) {
+                let handle = self.keyspace(&ks)?;
+                self.db
+                    .delete_keyspace(handle)
+                    .map_err(fjall_error(format!("delete keyspace {ks}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes keyspaces of streams that are not in the catalog (a crash
+    /// between creating a stream's keyspaces and registering it).
+    fn remove_orphans(&self) -> Result<()> {
+        let known: HashSet<u64> = self.stream_ids()?.into_iter().map(|(_, id)| id).collect();
+        let orphans: HashSet<u64> = self
+            .db
+            .list_keyspace_names()
+            .iter()
+            .filter_map(|name| keyspace_id(name))
+            .filter(|id| !known.contains(id))
+            .collect();
+        for id in orphans {
+            tracing::warn!(id, "deleting keyspaces of an unregistered stream");
+            self.delete_keyspaces(id)?;
+        }
+        Ok(())
+    }
+}
+
+/// Owns the database under one directory and opens, lists and deletes its
+/// streams. Cheap to clone.
+#[derive(Clone)]
+pub struct FileStorage {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for FileStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStorage")
+            .field("dir", &self.shared.dir)
+            .finish()
+    }
+}
+
+impl FileStorage {
+    /// Opens (or creates) the database in `dir`. Fails if another process
+    /// has it open, or with [`StoreError::Corrupt`] if its files are damaged.
+    pub fn open(dir: impl AsRef<Path>) -> Result<FileStorage> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            context: format!("create {}", dir.display()),
+            source,
+        })?;
+        let context = format!("open store in {}", dir.display());
+        let db = Database::builder(&dir).open().map_err(|e| {
+            // The directory exists (created above): a missing file is one
+            // the database's own metadata refers to.
+            match fjall_error(context.clone())(e) {
+                StoreError::Io { context, source } if source.kind() == io::ErrorKind::NotFound => {
+                    StoreError::corrupt(format!("{context}: a database file is missing: {source}"))
+                }
+                other => other,
+            }
+        })?;
+        let catalog = db
+            .keyspace(CATALOG, KeyspaceCreateOptions::default)
+            .map_err(fjall_error(context))?;
+        let sync = Arc::new(SyncGroup::open(db.clone(), catalog.clone(), &dir)?);
+        let shared = Arc::new(Shared {
+            sync,
+            db,
+            catalog,
+            open: Mutex::new(HashMap::new()),
+            dir,
+        });
+        shared.remove_orphans()?;
+        Ok(FileStorage { shared })
+    }
+
+    /// The directory this storage lives in.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Names of all stored streams, sorted.
+    pub fn stream_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .shared
+            .stream_ids()?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Whether a stream of this name is stored.
+    pub fn contains(&self, name: &str) -> Result<bool> {
+        Ok(self.shared.stream_id(name)?.is_some())
+    }
+
+    /// Opens stream `name`, creating it (durably) if it does not exist. A
+    /// stream that is already open is returned as is, with `limits`
+    /// applied. On restart, open with the limits from the stream's own
+    /// record: `open_stream(name, default)` then `load_meta` and
+    /// `update_limits`.
+    pub fn open_stream(&self, name: &str, limits: StoreLimits) -> Result<Arc<FileStore>> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(StoreError::Invalid(format!(
+                "stream name length {} not in 1..=255",
+                name.len()
+            )));
+        }
+        let mut open = self.shared.open.lock();
+        if let Some(store) = open.get(name).and_then(Weak::upgrade) {
+            // Not under the registry lock: `remove` takes the engine's lock
+            // and then the registry's.
+            drop(open);
+            store.update_limits(limits)?;
+            return Ok(store);
+        }
+        let id = match self.shared.stream_id(name)? {
+            Some(id) => id,
+            None => self.shared.create_stream(name)?,
+        };
+        let backend = FileBackend::open(self.shared.clone(), name, id)?;
+        let recovered = backend.recover()?;
+        let store = Arc::new(StreamEngine::recover(backend, limits, recovered)?);
+        open.insert(name.to_string(), Arc::downgrade(&store));
+        Ok(store)
+    }
+
+    /// Deletes stream `name` and all its data; `false` if there was none.
+    /// An open handle to it fails with [`StoreError::Closed`] afterwards.
+    pub fn delete_stream(&self, name: &str) -> Result<bool> {
+        let open = self.shared.open.lock();
+        if let Some(store) = open.get(name).and_then(Weak::upgrade) {
+            // Its backend unregisters it, under the same lock.
+            drop(open);
+            store.remove()?;
+            return Ok(true);
+        }
+        // Held until the stream is gone, so that it cannot be opened meanwhile.
+        let _open = open;
+        match self.shared.stream_id(name)? {
+            Some(id) => {
+                self.shared.drop_stream(name, id)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Makes everything written to any stream durable (group commit).
+    pub fn sync(&self) -> Result<()> {
+        self.shared.sync.sync()
+    }
+
+    /// fsyncs performed so far.
+    pub fn sync_count(&self) -> u64 {
+        self.shared.sync.sync_count()
+    }
+}
+
+/// The storage primitives of [`FileStore`]: one stream's keyspaces.
+pub struct FileBackend {
+    shared: Arc<Shared>,
+    name: String,
+    id: u64,
+    messages: Keyspace,
+    index: Keyspace,
+    records: Keyspace,
+}
+
+impl FileBackend {
+    fn open(shared: Arc<Shared>, name: &str, id: u64) -> Result<FileBackend> {
+        let [m, i, r] = keyspace_names(id);
+        Ok(FileBackend {
+            messages: shared.keyspace(&m)?,
+            index: shared.keyspace(&i)?,
+            records: shared.keyspace(&r)?,
+            shared,
+            name: name.to_string(),
+            id,
+        })
+    }
+
+    fn context(&self, what: &str) -> String {
+        format!("stream {}: {what}", self.name)
+    }
+
+    /// Reads what the engine needs to resume: the state record, the first
+    /// and last message keys, and the subject index (keys only).
+    fn recover(&self) -> Result<Recovered> {
+        let state = match self
+            .records
+            .get(STATE_KEY)
+            .map_err(fjall_error(self.context("read state")))?
+        {
+            Some(v) => decode_state(&v)?,
+            None => PersistedState::default(),
+        };
+        let first = match self.messages.first_key_value() {
+            Some(guard) => {
+                let (k, v) = guard
+                    .into_inner()
+                    .map_err(fjall_error(self.context("read first message")))?;
+                let seq = decode_seq(&k)?;
+                Some((seq, decode_message(seq, &v)?.timestamp))
+            }
+            None => None,
+        };
+        if let Some(guard) = self.messages.last_key_value() {
+            let k = guard
+                .key()
+                .map_err(fjall_error(self.context("read last message")))?;
+            let last = decode_seq(&k)?;
+            if last > state.last_seq {
+                return Err(StoreError::corrupt(self.context(&format!(
+                    "message {last} stored beyond recorded last sequence {}",
+                    state.last_seq
+                ))));
+            }
+        }
+        let subjects = self.scan_index(&state)?;
+        Ok(Recovered {
+            state,
+            first,
+            subjects,
+        })
+    }
+
+    /// Rebuilds the per-subject summary from the index and checks its totals
+    /// against the state record.
+    fn scan_index(&self, state: &PersistedState) -> Result<Vec<(Bytes, SubjectState)>> {
+        let mut subjects: HashMap<Bytes, SubjectState, ahash::RandomState> = HashMap::default();
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        for guard in self.index.iter() {
+            let (k, v) = guard
+                .into_inner()
+                .map_err(fjall_error(self.context("read index")))?;
+            let (subject, seq) = split_index_key(&k)?;
+            messages += 1;
+            bytes += decode_size(&v)?;
+            match subjects.get_mut(subject) {
+                Some(s) => {
+                    s.msgs += 1;
+                    s.first = s.first.min(seq);
+                    s.last = s.last.max(seq);
+                }
+                None => {
+                    let s = SubjectState {
+                        msgs: 1,
+                        first: seq,
+                        last: seq,
+                    };
+                    subjects.insert(Bytes::copy_from_slice(subject), s);
+                }
+            }
+        }
+        if messages != state.messages || bytes != state.bytes {
+            return Err(StoreError::corrupt(self.context(&format!(
+                "index holds {messages} messages of {bytes} bytes, state records {} of {}",
+                state.messages, state.bytes
+            ))));
+        }
+        Ok(subjects.into_iter().collect())
+    }
+
+    fn message_iter(&self, iter: fjall::Iter) -> Iter<'_, StoredMessage> {
+        Box::new(iter.map(move |guard| {
+            let (k, v) = guard
+                .into_inner()
+                .map_err(fjall_error(self.context("read message")))?;
+            decode_message(decode_seq(&k)?, &v)
+        }))
+    }
+
+    fn seq_iter(&self, iter: impl Iterator<Item = fjall::Guard> + 'static) -> Iter<'_, u64> {
+        Box::new(iter.map(move |guard| {
+            let k = guard
+                .key()
+                .map_err(fjall_error(self.context("read message key")))?;
+            decode_seq(&k)
+        }))
+    }
+
+    /// Index entries of one subject from a range read; keys of other
+    /// subjects that sort inside the range (possible only if a subject
+    /// contained 0x00) are skipped by length.
+    fn index_iter(
+        &self,
+        subject: &[u8],
+        iter: impl Iterator<Item = fjall::Guard> + 'static,
+    ) -> Iter<'_, IndexEntry> {
+        let key_len = subject.len() + 9;
+        Box::new(iter.filter_map(move |guard| {
+            let entry = (|| {
+                let (k, v) = guard
+                    .into_inner()
+                    .map_err(fjall_error(self.context("read index")))?;
+                if k.len() != key_len {
+                    return Ok(None);
+                }
+                let (_, seq) = split_index_key(&k)?;
+                Ok(Some(IndexEntry {
+                    seq,
+                    size: decode_size(&v)?,
+                }))
+            })();
+            entry.transpose()
+        }))
+    }
+
+    /// Records are written outside message batches, numbered like them.
+    fn write_record(&self, key: Vec<u8>, value: Option<&[u8]>) -> Result<()> {
+        let mut batch = self.shared.db.batch();
+        match value {
+            Some(v) => batch.insert(&self.records, key, v),
+            None => batch.remove(&self.records, key),
+        }
+        self.shared.sync.commit(batch, self.context("write record"))
+    }
+}
+
+impl Backend for FileBackend {
+    fn get(&self, seq: u64) -> Result<Option<StoredMessage>> {
+        let value = self
+            .messages
+            .get(seq.to_be_bytes())
+            .map_err(fjall_error(self.context("read message")))?;
+        value.map(|v| decode_message(seq, &v)).transpose()
+    }
+
+    fn messages_from(&self, from: u64) -> Iter<'_, StoredMessage> {
+        self.message_iter(self.messages.range(from.to_be_bytes()..))
+    }
+
+    fn seqs_from(&self, from: u64) -> Iter<'_, u64> {
+        self.seq_iter(self.messages.range(from.to_be_bytes()..))
+    }
+
+    fn seqs_rev(&self, to: u64) -> Iter<'_, u64> {
+        self.seq_iter(self.messages.range(..=to.to_be_bytes()).rev())
+    }
+
+    fn subject_from(&self, subject: &[u8], from: u64) -> Iter<'_, IndexEntry> {
+        let range = index_key(subject, from)..=index_key(subject, u64::MAX);
+        self.index_iter(subject, self.index.range(range))
+    }
+
+    fn subject_rev(&self, subject: &[u8], to: u64) -> Iter<'_, IndexEntry> {
+        let range = index_key(subject, 0)..=index_key(subject, to);
+        self.index_iter(subject, self.index.range(range).rev())
+    }
+
+    fn commit(&mut self, batch: Batch<'_>) -> Result<()> {
+        let mut b = self.shared.db.batch();
+        for r in batch.removed {
+            b.remove(&self.messages, r.seq.to_be_bytes());
+            b.remove(&self.index, index_key(&r.subject, r.seq));
+        }
+        if let Some(m) = batch.put {
+            b.insert(&self.messages, m.seq.to_be_bytes(), encode_message(m));
+            b.insert(
+                &self.index,
+                index_key(&m.subject, m.seq),
+                m.size().to_be_bytes(),
+            );
+        }
+        b.insert(&self.records, STATE_KEY, encode_state(&batch.state));
+        self.shared.sync.commit(b, self.context("write batch"))
+    }
+
+    fn durability(&self) -> Arc<dyn Durability> {
+        self.shared.sync.clone()
+    }
+
+    fn save_meta(&self, meta: &[u8]) -> Result<()> {
+        self.write_record(META_KEY.to_vec(), Some(meta))
+    }
+
+    fn load_meta(&self) -> Result<Option<Vec<u8>>> {
+        let v = self
+            .records
+            .get(META_KEY)
+            .map_err(fjall_error(self.context("read meta")))?;
+        Ok(v.map(|v| v.to_vec()))
+    }
+
+    fn save_consumer(&self, name: &str, record: &[u8]) -> Result<()> {
+        self.write_record([CONSUMER_PREFIX, name.as_bytes()].concat(), Some(record))
+    }
+
+    fn load_consumers(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for guard in self.records.prefix(CONSUMER_PREFIX) {
+            let (k, v) = guard
+                .into_inner()
+                .map_err(fjall_error(self.context("read consumers")))?;
+            let name = std::str::from_utf8(&k[CONSUMER_PREFIX.len()..])
+                .map_err(|_| StoreError::corrupt(self.context("consumer name is not UTF-8")))?;
+            out.push((name.to_string(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn delete_consumer(&self, name: &str) -> Result<bool> {
+        let key = [CONSUMER_PREFIX, name.as_bytes()].concat();
+        let existed = self
+            .records
+            .contains_key(&key)
+            .map_err(fjall_error(self.context("read consumers")))?;
+        if existed {
+            self.write_record(key, None)?;
+        }
+        Ok(existed)
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        self.shared.open.lock().remove(&self.name);
+        self.shared.drop_stream(&self.name, self.id)
+    }
+}

@@ -1,0 +1,541 @@
+//! The JSON of the JetStream API, as nats-server 2.10 speaks it: stream and
+//! consumer configs, the info replies, requests, and errors with their codes.
+//!
+//! Field names, defaults and error codes are nats-server's, because client
+//! libraries deserialise these replies into their own types and pick
+//! exception types from `err_code`. Durations are nanoseconds on the wire;
+//! in the config file they may also be written `"2m"`. Times are RFC 3339.
+//! Unknown fields are ignored, as nats-server does, so newer clients work.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Default `duplicate_window` (2 minutes), as nats-server's.
+pub const DEFAULT_DUPLICATE_WINDOW: i64 = 120_000_000_000;
+/// Default `ack_wait` (30 s).
+pub const DEFAULT_ACK_WAIT: i64 = 30_000_000_000;
+/// Default `max_ack_pending` for consumers that ack.
+pub const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
+/// Default `max_waiting` (pull requests queued per consumer).
+pub const DEFAULT_MAX_WAITING: i64 = 512;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Retention {
+    #[default]
+    Limits,
+    Interest,
+    #[serde(rename = "workqueue")]
+    WorkQueue,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discard {
+    #[default]
+    Old,
+    New,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    #[default]
+    File,
+    Memory,
+}
+
+/// A stream's configuration (STREAM.CREATE/UPDATE, `[[jetstream.streams]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamConfig {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub subjects: Vec<String>,
+    pub retention: Retention,
+    pub max_consumers: i64,
+    pub max_msgs: i64,
+    pub max_bytes: i64,
+    #[serde(deserialize_with = "de_nanos")]
+    pub max_age: i64,
+    pub max_msgs_per_subject: i64,
+    pub max_msg_size: i64,
+    pub discard: Discard,
+    #[serde(skip_serializing_if = "is_false")]
+    pub discard_new_per_subject: bool,
+    pub storage: Storage,
+    pub num_replicas: i64,
+    #[serde(skip_serializing_if = "is_false")]
+    pub no_ack: bool,
+    #[serde(deserialize_with = "de_nanos")]
+    pub duplicate_window: i64,
+    pub sealed: bool,
+    pub deny_delete: bool,
+    pub deny_purge: bool,
+    pub allow_rollup_hdrs: bool,
+    pub allow_direct: bool,
+    pub mirror_direct: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<HashMap<String, String>>,
+    /// Mirrors and sources are not supported; kept to refuse them clearly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sources: Option<serde_json::Value>,
+    /// Consumers declared with the stream in the config file.
+    #[serde(skip_serializing)]
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            name: String::new(),
+            description: None,
+            subjects: Vec::new(),
+            retention: Retention::Limits,
+            max_consumers: -1,
+            max_msgs: -1,
+            max_bytes: -1,
+            max_age: 0,
+            max_msgs_per_subject: -1,
+            max_msg_size: -1,
+            discard: Discard::Old,
+            discard_new_per_subject: false,
+            storage: Storage::File,
+            num_replicas: 1,
+            no_ack: false,
+            duplicate_window: 0,
+            sealed: false,
+            deny_delete: false,
+            deny_purge: false,
+            allow_rollup_hdrs: false,
+            allow_direct: false,
+            mirror_direct: false,
+            metadata: None,
+            mirror: None,
+            sources: None,
+            consumers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliverPolicy {
+    #[default]
+    All,
+    Last,
+    New,
+    ByStartSequence,
+    ByStartTime,
+    LastPerSubject,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckPolicy {
+    #[default]
+    None,
+    All,
+    Explicit,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayPolicy {
+    #[default]
+    Instant,
+    Original,
+}
+
+/// A consumer's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConsumerConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durable_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliver_subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliver_group: Option<String>,
+    pub deliver_policy: DeliverPolicy,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opt_start_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opt_start_time: Option<String>,
+    pub ack_policy: AckPolicy,
+    #[serde(deserialize_with = "de_nanos")]
+    pub ack_wait: i64,
+    pub max_deliver: i64,
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "de_nanos_list"
+    )]
+    pub backoff: Vec<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter_subject: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filter_subjects: Vec<String>,
+    pub replay_policy: ReplayPolicy,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_waiting: i64,
+    pub max_ack_pending: i64,
+    #[serde(skip_serializing_if = "is_false")]
+    pub headers_only: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub flow_control: bool,
+    #[serde(skip_serializing_if = "is_zero", deserialize_with = "de_nanos")]
+    pub idle_heartbeat: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_batch: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_bytes: i64,
+    #[serde(skip_serializing_if = "is_zero", deserialize_with = "de_nanos")]
+    pub max_expires: i64,
+    #[serde(skip_serializing_if = "is_zero", deserialize_with = "de_nanos")]
+    pub inactive_threshold: i64,
+    pub num_replicas: i64,
+    #[serde(skip_serializing_if = "is_false")]
+    pub mem_storage: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+impl ConsumerConfig {
+    /// The consumer's name: `durable_name`, else `name`.
+    pub fn consumer_name(&self) -> Option<&str> {
+        self.durable_name
+            .as_deref()
+            .or(self.name.as_deref())
+            .filter(|n| !n.is_empty())
+    }
+
+    /// The subject filters, from `filter_subject` and `filter_subjects`.
+    pub fn filters(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .filter_subject
+            .iter()
+            .filter(|f| !f.is_empty())
+            .cloned()
+            .collect();
+        all.extend(self.filter_subjects.iter().cloned());
+        all
+    }
+
+    pub fn is_pull(&self) -> bool {
+        self.deliver_subject.as_deref().is_none_or(str::is_empty)
+    }
+}
+
+/// STREAM.INFO's `state`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StreamStateJson {
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub first_ts: String,
+    pub last_seq: u64,
+    pub last_ts: String,
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub num_subjects: u64,
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub num_deleted: u64,
+    pub consumer_count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<HashMap<String, u64>>,
+}
+
+/// Leader information, so clients that read `cluster.leader` find one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub leader: String,
+}
+
+/// STREAM.INFO (and CREATE/UPDATE) reply body.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamInfo {
+    pub config: StreamConfig,
+    pub created: String,
+    pub state: StreamStateJson,
+    pub cluster: ClusterInfo,
+    pub ts: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct SequenceInfo {
+    pub consumer_seq: u64,
+    pub stream_seq: u64,
+}
+
+/// CONSUMER.INFO (and CREATE) reply body.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsumerInfo {
+    pub stream_name: String,
+    pub name: String,
+    pub created: String,
+    pub config: ConsumerConfig,
+    pub delivered: SequenceInfo,
+    pub ack_floor: SequenceInfo,
+    pub num_ack_pending: usize,
+    pub num_redelivered: usize,
+    pub num_waiting: usize,
+    pub num_pending: u64,
+    pub cluster: ClusterInfo,
+    #[serde(skip_serializing_if = "is_false")]
+    pub push_bound: bool,
+    pub ts: String,
+}
+
+/// CONSUMER.CREATE request.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CreateConsumerRequest {
+    pub stream_name: String,
+    pub config: ConsumerConfig,
+    /// `"create"`, `"update"` or empty (create or update).
+    pub action: String,
+}
+
+/// Paging of NAMES/LIST requests.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ListRequest {
+    pub offset: usize,
+    pub subject: Option<String>,
+}
+
+/// STREAM.INFO request options.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct StreamInfoRequest {
+    pub subjects_filter: Option<String>,
+}
+
+/// STREAM.PURGE request.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct PurgeRequest {
+    pub filter: Option<String>,
+    pub seq: Option<u64>,
+    pub keep: Option<u64>,
+}
+
+/// STREAM.MSG.GET and DIRECT.GET requests.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct MsgGetRequest {
+    pub seq: Option<u64>,
+    pub last_by_subj: Option<String>,
+    pub next_by_subj: Option<String>,
+}
+
+/// STREAM.MSG.DELETE request.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct MsgDeleteRequest {
+    pub seq: u64,
+    pub no_erase: bool,
+}
+
+/// A pull request (CONSUMER.MSG.NEXT).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NextRequest {
+    pub batch: usize,
+    pub expires: i64,
+    pub no_wait: bool,
+    pub max_bytes: usize,
+    pub idle_heartbeat: i64,
+}
+
+/// The error part of a failed reply: `{"error":{"code","err_code","description"}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{description} ({code}/{err_code})")]
+pub struct ApiError {
+    pub code: u16,
+    pub err_code: u32,
+    pub description: String,
+}
+
+impl ApiError {
+    pub fn new(code: u16, err_code: u32, description: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            err_code,
+            description: description.into(),
+        }
+    }
+
+    pub fn stream_not_found() -> ApiError {
+        ApiError::new(404, 10059, "stream not found")
+    }
+
+    pub fn consumer_not_found() -> ApiError {
+        ApiError::new(404, 10014, "consumer not found")
+    }
+
+    pub fn bad_request() -> ApiError {
+        ApiError::new(400, 10003, "bad request")
+    }
+
+    pub fn invalid_json(e: impl std::fmt::Display) -> ApiError {
+        ApiError::new(400, 10025, format!("invalid JSON: {e}"))
+    }
+
+    pub fn stream_in_use() -> ApiError {
+        ApiError::new(
+            400,
+            10058,
+            "stream name already in use with a different configuration",
+        )
+    }
+
+    pub fn subjects_overlap() -> ApiError {
+        ApiError::new(400, 10065, "subjects overlap with an existing stream")
+    }
+
+    pub fn stream_config(description: impl Into<String>) -> ApiError {
+        ApiError::new(400, 10052, description)
+    }
+
+    pub fn consumer_config(description: impl Into<String>) -> ApiError {
+        ApiError::new(400, 10012, description)
+    }
+
+    pub fn no_message_found() -> ApiError {
+        ApiError::new(404, 10037, "no message found")
+    }
+
+    pub fn store_failed(e: impl std::fmt::Display) -> ApiError {
+        ApiError::new(503, 10077, e.to_string())
+    }
+}
+
+/// A reply: the body's fields flattened beside `type`, or `error`.
+#[derive(Serialize)]
+pub struct Reply<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+/// Serialises an API reply, success or error.
+pub fn reply_json<T: Serialize>(kind: &str, result: Result<T, ApiError>) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct ErrorBody {
+        error: ApiError,
+    }
+    let encoded = match result {
+        Ok(body) => serde_json::to_vec(&Reply { kind, body }),
+        Err(error) => serde_json::to_vec(&Reply {
+            kind,
+            body: ErrorBody { error },
+        }),
+    };
+    // Plain structs of strings and numbers always serialise.
+    encoded.unwrap_or_default()
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A duration as nanoseconds (JSON) or text like `"2m"` (config files).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NanosOrText {
+    Nanos(i64),
+    Text(String),
+}
+
+fn nanos_from(v: NanosOrText) -> Result<i64, String> {
+    match v {
+        NanosOrText::Nanos(n) => Ok(n),
+        NanosOrText::Text(t) => crate::config::parse_duration(&t).map(|d| d.as_nanos() as i64),
+    }
+}
+
+fn de_nanos<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    nanos_from(NanosOrText::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn de_nanos_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
+    Vec::<NanosOrText>::deserialize(d)?
+        .into_iter()
+        .map(|v| nanos_from(v).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// RFC 3339 text of a Unix-nanos time; the zero time as nats-server writes
+/// it for "never".
+pub fn rfc3339(nanos: i64) -> String {
+    if nanos <= 0 {
+        return "0001-01-01T00:00:00Z".to_string();
+    }
+    let time = UNIX_EPOCH + Duration::from_nanos(nanos as u64);
+    humantime::format_rfc3339_nanos(time).to_string()
+}
+
+/// Parses RFC 3339 text into Unix nanos.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let time = humantime::parse_rfc3339_weak(text.trim_end_matches('Z')).ok()?;
+    time.duration_since(UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_nanos() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_config_defaults_match_nats_server() {
+        let c: StreamConfig = serde_json::from_str(r#"{"name":"S","subjects":["a.>"]}"#).unwrap();
+        assert_eq!((c.max_msgs, c.max_bytes, c.num_replicas), (-1, -1, 1));
+        assert_eq!(c.storage, Storage::File);
+        let c: StreamConfig = toml::from_str("name = \"S\"\nmax_age = \"1h\"").unwrap();
+        assert_eq!(c.max_age, 3_600_000_000_000);
+    }
+
+    #[test]
+    fn errors_serialise_in_the_client_shape() {
+        let json = reply_json::<()>(
+            "io.nats.jetstream.api.v1.stream_info_response",
+            Err(ApiError::stream_not_found()),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["error"]["err_code"], 10059);
+        assert_eq!(v["error"]["code"], 404);
+    }
+
+    #[test]
+    fn times_round_trip() {
+        let t = 1_700_000_000_123_456_789;
+        assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        assert_eq!(rfc3339(0), "0001-01-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,722 @@
+//! Durable streams, speaking the JetStream API subset that official clients
+//! use: streams capture subjects into a [`crate::store`], consumers read them
+//! in order, acknowledge, get redeliveries and replay.
+//!
+//! How it hooks into the broker: a stream is one more kind of subscriber
+//! (an [`InternalSubscriber`] on its subjects), so a publish reaches it
+//! through the same routing as any client; replies (PubAcks, API answers,
+//! consumer deliveries) go back out through [`ServerState::send_internal`].
+//!
+//! Threads: handlers run on the publisher's task and only queue work.
+//! API requests are answered one at a time on a thread of their own (they
+//! may touch the disk); each stream stores batches on the blocking pool
+//! (one fsync per batch: group commit); each consumer delivers from a task
+//! of its own. Pull requests and acks go straight to their consumer.
+//!
+//! Invariant: a PubAck is sent only after the message is stored and, with
+//! `sync = "always"`, fsynced.
+
+pub mod api;
+mod consumer;
+mod stream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::config::{JetStreamConfig, SyncPolicy};
+use crate::protocol::Message;
+use crate::server::ServerState;
+use crate::store::{FileStorage, StoreError};
+use crate::subscription::{InternalSubscriber, Subscription};
+
+use api::{
+    now_nanos, reply_json, ApiError, CreateConsumerRequest, ListRequest, MsgDeleteRequest,
+    MsgGetRequest, PurgeRequest, StreamConfig, StreamInfoRequest,
+};
+pub(crate) use stream::Stream;
+
+/// Prefix of every API subject.
+const API_PREFIX: &str = "$JS.API.";
+/// Prefix of the reply subjects acks are sent to.
+const ACK_PREFIX: &str = "$JS.ACK.";
+/// Requests waiting for the API thread; more are refused with 503.
+const API_QUEUE: usize = 4096;
+/// Names per NAMES page, infos per LIST page (nats-server's).
+const NAMES_LIMIT: usize = 1024;
+const LIST_LIMIT: usize = 256;
+
+/// Why durable streams could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum JetStreamError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("stream {name} in the config file: {error}")]
+    Declared { name: String, error: ApiError },
+    #[error("cannot start the API thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The durable-stream layer of one server.
+pub struct JetStream {
+    server: Weak<ServerState>,
+    storage: FileStorage,
+    streams: RwLock<HashMap<String, Arc<Stream>>>,
+    sync: SyncPolicy,
+    api: std::sync::mpsc::SyncSender<ApiRequest>,
+    subscriptions: Mutex<Vec<Arc<Subscription>>>,
+}
+
+struct ApiRequest {
+    subject: String,
+    reply: Option<Bytes>,
+    payload: Bytes,
+}
+
+impl JetStream {
+    /// Opens the store, restores every stream and consumer, applies the
+    /// streams declared in the config, and starts answering the API.
+    pub(crate) fn start(
+        server: &Arc<ServerState>,
+        config: &JetStreamConfig,
+    ) -> Result<Arc<JetStream>, JetStreamError> {
+        let storage = FileStorage::open(&config.store_dir)?;
+        let (api_tx, api_rx) = std::sync::mpsc::sync_channel(API_QUEUE);
+        let js = Arc::new(JetStream {
+            server: Arc::downgrade(server),
+            storage,
+            streams: RwLock::new(HashMap::new()),
+            sync: config.sync,
+            api: api_tx,
+            subscriptions: Mutex::new(Vec::new()),
+        });
+        js.restore()?;
+        for declared in &config.streams {
+            js.declare(declared.clone())
+                .map_err(|error| JetStreamError::Declared {
+                    name: declared.name.clone(),
+                    error,
+                })?;
+        }
+        let worker = Arc::downgrade(&js);
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("skiff-js-api".into())
+            .spawn(move || {
+                // Creating streams and consumers spawns their tasks.
+                let _runtime = runtime.enter();
+                api_thread(worker, api_rx)
+            })
+            .map_err(JetStreamError::Thread)?;
+        let handler: Arc<dyn InternalSubscriber> = Arc::new(ApiHandler(Arc::downgrade(&js)));
+        let subs = [API_PREFIX, ACK_PREFIX].map(|prefix| {
+            server.subscribe_internal(&format!("{prefix}>"), None, Arc::clone(&handler))
+        });
+        for sub in subs.into_iter().flatten() {
+            js.subscriptions.lock().push(sub);
+        }
+        if let SyncPolicy::Interval(every) = config.sync {
+            tokio::spawn(sync_periodically(Arc::downgrade(&js), every));
+        }
+        tokio::spawn(expire_periodically(Arc::downgrade(&js)));
+        tracing::info!(
+            "JetStream enabled: store {} ({} streams)",
+            config.store_dir.display(),
+            js.streams.read().len()
+        );
+        Ok(js)
+    }
+
+    /// Stops every stream and consumer and detaches from the server.
+    pub(crate) fn shutdown(&self) {
+        if let Some(server) = self.server.upgrade() {
+            for sub in self.subscriptions.lock().drain(..) {
+                server.remove_subscription(&sub);
+            }
+        }
+        for stream in self.streams.write().drain().map(|(_, s)| s) {
+            stream.stop();
+        }
+        let _ = self.storage.sync();
+    }
+
+    fn restore(self: &Arc<Self>) -> Result<(), JetStreamError> {
+        for name in self.storage.stream_names()? {
+            match Stream::restore(self, &name) {
+                Ok(stream) => {
+                    self.streams.write().insert(name, stream);
+                }
+                Err(e) => tracing::error!("stream {name} could not be restored: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn declare(self: &Arc<Self>, config: StreamConfig) -> Result<(), ApiError> {
+        let consumers = config.consumers.clone();
+        let stream = match self.stream(&config.name) {
+            Ok(existing) => {
+                existing.update(config)?;
+                existing
+            }
+            Err(_) => self.create_stream(config)?,
+        };
+        for consumer in consumers {
+            stream.create_consumer(consumer, "")?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn server(&self) -> Option<Arc<ServerState>> {
+        self.server.upgrade()
+    }
+
+    pub(crate) fn sync_always(&self) -> bool {
+        self.sync == SyncPolicy::Always
+    }
+
+    pub(crate) fn storage(&self) -> &FileStorage {
+        &self.storage
+    }
+
+    fn stream(&self, name: &str) -> Result<Arc<Stream>, ApiError> {
+        self.streams
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(ApiError::stream_not_found)
+    }
+
+    fn create_stream(self: &Arc<Self>, config: StreamConfig) -> Result<Arc<Stream>, ApiError> {
+        let config = stream::normalize(config)?;
+        let streams = self.streams.read();
+        if let Some(existing) = streams.get(&config.name) {
+            return if existing.config() == config {
+                Ok(Arc::clone(existing))
+            } else {
+                Err(ApiError::stream_in_use())
+            };
+        }
+        if overlaps(streams.values(), &config, None) {
+            return Err(ApiError::subjects_overlap());
+        }
+        drop(streams);
+        let stream = Stream::create(self, config)?;
+        self.streams
+            .write()
+            .insert(stream.name().to_string(), Arc::clone(&stream));
+        Ok(stream)
+    }
+
+    fn delete_stream(&self, name: &str) -> Result<(), ApiError> {
+        let stream = self
+            .streams
+            .write()
+            .remove(name)
+            .ok_or_else(ApiError::stream_not_found)?;
+        stream.stop();
+        self.storage
+            .delete_stream(name)
+            .map_err(|e| ApiError::new(500, 10050, e.to_string()))?;
+        Ok(())
+    }
+
+    /// Drops an ephemeral consumer that went inactive.
+    pub(crate) fn forget_consumer(&self, stream: &str, consumer: &str) {
+        if let Ok(s) = self.stream(stream) {
+            let _ = s.delete_consumer(consumer);
+        }
+    }
+
+    /// Routes an ack (`$JS.ACK.<stream>.<consumer>....`) to its consumer.
+    fn ack(&self, msg: &Message) {
+        let Ok(subject) = std::str::from_utf8(msg.subject()) else {
+            return;
+        };
+        let mut tokens = subject[ACK_PREFIX.len()..].split('.');
+        let (Some(stream), Some(consumer)) = (tokens.next(), tokens.next()) else {
+            return;
+        };
+        if let Some(c) = self.stream(stream).ok().and_then(|s| s.consumer(consumer)) {
+            c.ack(subject, msg.reply(), msg.data());
+        }
+    }
+
+    /// A pull request (`CONSUMER.MSG.NEXT.<stream>.<consumer>`), handled on
+    /// the publisher's task without waiting for the API thread.
+    fn pull(&self, rest: &str, msg: &Message) -> bool {
+        let Some((stream, consumer)) = rest.split_once('.') else {
+            return false;
+        };
+        let Some(reply) = msg.reply() else {
+            return true;
+        };
+        match self.stream(stream).ok().and_then(|s| s.consumer(consumer)) {
+            Some(c) => c.pull_request(reply, msg.data()),
+            None => {
+                // nats-server answers a pull for a missing consumer with a
+                // 404 status so the client stops waiting.
+                if let Some(server) = self.server() {
+                    consumer::send_status(&server, reply, 404, "No Messages", &[]);
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Whether `config`'s subjects overlap those of any stream but `except`.
+fn overlaps<'a>(
+    streams: impl Iterator<Item = &'a Arc<Stream>>,
+    config: &StreamConfig,
+    except: Option<&str>,
+) -> bool {
+    streams.filter(|s| Some(s.name()) != except).any(|s| {
+        s.config().subjects.iter().any(|theirs| {
+            config
+                .subjects
+                .iter()
+                .any(|ours| crate::subject::patterns_overlap(ours.as_bytes(), theirs.as_bytes()))
+        })
+    })
+}
+
+/// Receives API requests and acks on the publisher's task.
+struct ApiHandler(Weak<JetStream>);
+
+impl InternalSubscriber for ApiHandler {
+    fn receive(&self, msg: &Message) -> bool {
+        let Some(js) = self.0.upgrade() else {
+            return false;
+        };
+        let Ok(subject) = std::str::from_utf8(msg.subject()) else {
+            return false;
+        };
+        if subject.starts_with(ACK_PREFIX) {
+            js.ack(msg);
+            return true;
+        }
+        if let Some(rest) = subject.strip_prefix("$JS.API.CONSUMER.MSG.NEXT.") {
+            return js.pull(rest, msg);
+        }
+        let request = ApiRequest {
+            subject: subject.to_string(),
+            reply: msg.reply().map(Bytes::copy_from_slice),
+            payload: Bytes::copy_from_slice(msg.data()),
+        };
+        if js.api.try_send(request).is_err() {
+            if let (Some(server), Some(reply)) = (js.server(), msg.reply()) {
+                let body = reply_json::<()>(
+                    "io.nats.jetstream.api.v1.system_overloaded",
+                    Err(ApiError::new(
+                        503,
+                        10008,
+                        "JetStream system temporarily unavailable",
+                    )),
+                );
+                server.send_internal(reply, &Message::new(reply, None, None, &body));
+            }
+        }
+        true
+    }
+}
+
+fn api_thread(js: Weak<JetStream>, requests: std::sync::mpsc::Receiver<ApiRequest>) {
+    while let Ok(request) = requests.recv() {
+        let Some(js) = js.upgrade() else {
+            return;
+        };
+        let Some(reply) = request.reply.clone() else {
+            continue;
+        };
+        let body = js.answer(&request);
+        if let Some(server) = js.server() {
+            server.send_internal(&reply, &Message::new(&reply, None, None, &body));
+        }
+    }
+}
+
+fn parse<'a, T: serde::Deserialize<'a> + Default>(payload: &'a [u8]) -> Result<T, ApiError> {
+    // Clients send nothing, or `null`, when they have no options.
+    if payload.trim_ascii().is_empty() || payload.trim_ascii() == b"null" {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(payload).map_err(ApiError::invalid_json)
+}
+
+#[derive(Serialize)]
+struct Success {
+    success: bool,
+}
+
+#[derive(Serialize)]
+struct Paged<T: Serialize> {
+    total: usize,
+    offset: usize,
+    limit: usize,
+    #[serde(flatten)]
+    items: T,
+}
+
+fn page<T: Clone>(all: &[T], offset: usize, limit: usize) -> (usize, Vec<T>) {
+    (
+        all.len(),
+        all.iter().skip(offset).take(limit).cloned().collect(),
+    )
+}
+
+const T_ACCOUNT: &str = "io.nats.jetstream.api.v1.account_info_response";
+
+impl JetStream {
+    /// Answers one API request with the JSON reply body.
+    fn answer(self: &Arc<Self>, request: &ApiRequest) -> Vec<u8> {
+        let subject = &request.subject[API_PREFIX.len()..];
+        let payload = &request.payload[..];
+        let mut parts = subject.splitn(3, '.');
+        let (a, b, rest) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        let kind = |k: &str| format!("io.nats.jetstream.api.v1.{k}_response");
+        match (a, b) {
+            ("INFO", "") => reply_json(T_ACCOUNT, Ok(self.account_info())),
+            ("STREAM", "CREATE") => reply_json(
+                &kind("stream_create"),
+                parse::<StreamConfig>(payload).and_then(|c| {
+                    if c.name != rest {
+                        return Err(ApiError::new(
+                            400,
+                            10056,
+                            "stream name in subject does not match request",
+                        ));
+                    }
+                    self.create_stream(c)?.info(None)
+                }),
+            ),
+            ("STREAM", "UPDATE") => reply_json(
+                &kind("stream_update"),
+                parse::<StreamConfig>(payload).and_then(|c| {
+                    if c.name != rest {
+                        return Err(ApiError::new(
+                            400,
+                            10056,
+                            "stream name in subject does not match request",
+                        ));
+                    }
+                    let stream = self.stream(rest)?;
+                    let candidate = stream::normalize(c)?;
+                    if overlaps(self.streams.read().values(), &candidate, Some(rest)) {
+                        return Err(ApiError::subjects_overlap());
+                    }
+                    stream.update(candidate)?;
+                    stream.info(None)
+                }),
+            ),
+            ("STREAM", "INFO") => reply_json(
+                &kind("stream_info"),
+                parse::<StreamInfoRequest>(payload)
+                    .and_then(|r| self.stream(rest)?.info(r.subjects_filter.as_deref())),
+            ),
+            ("STREAM", "DELETE") => reply_json(
+                &kind("stream_delete"),
+                self.delete_stream(rest).map(|()| Success { success: true }),
+            ),
+            ("STREAM", "PURGE") => {
+                #[derive(Serialize)]
+                struct Purged {
+                    success: bool,
+                    purged: u64,
+                }
+                reply_json(
+                    &kind("stream_purge"),
+                    parse::<PurgeRequest>(payload).and_then(|r| {
+                        let purged = self.stream(rest)?.purge(&r)?;
+                        Ok(Purged {
+                            success: true,
+                            purged,
+                        })
+                    }),
+                )
+            }
+            ("STREAM", "NAMES") => reply_json(
+                &kind("stream_names"),
+                parse::<ListRequest>(payload).map(|r| {
+                    #[derive(Serialize)]
+                    struct Names {
+                        streams: Vec<String>,
+                    }
+                    let names = self.stream_names(r.subject.as_deref());
+                    let (total, streams) = page(&names, r.offset, NAMES_LIMIT);
+                    Paged {
+                        total,
+                        offset: r.offset,
+                        limit: NAMES_LIMIT,
+                        items: Names { streams },
+                    }
+                }),
+            ),
+            ("STREAM", "LIST") => reply_json(
+                &kind("stream_list"),
+                parse::<ListRequest>(payload).map(|r| {
+                    #[derive(Serialize)]
+                    struct List {
+                        streams: Vec<api::StreamInfo>,
+                    }
+                    let names = self.stream_names(r.subject.as_deref());
+                    let (total, names) = page(&names, r.offset, LIST_LIMIT);
+                    let streams = names
+                        .iter()
+                        .filter_map(|n| self.stream(n).ok()?.info(None).ok())
+                        .collect();
+                    Paged {
+                        total,
+                        offset: r.offset,
+                        limit: LIST_LIMIT,
+                        items: List { streams },
+                    }
+                }),
+            ),
+            ("STREAM", "MSG") => self.answer_msg(rest, payload),
+            ("DIRECT", "GET") => {
+                // Direct gets answer with the message itself (headers and
+                // data), not JSON; see `Stream::direct_get`.
+                let (stream, last_by) = rest
+                    .split_once('.')
+                    .map_or((rest, None), |(s, l)| (s, Some(l)));
+                match self.stream(stream) {
+                    Ok(s) => {
+                        s.direct_get(last_by, payload, request.reply.as_deref());
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        reply_json::<()>("io.nats.jetstream.api.v1.stream_msg_get_response", Err(e))
+                    }
+                }
+            }
+            ("CONSUMER", _) => self.answer_consumer(b, rest, payload),
+            _ => reply_json::<()>(
+                "io.nats.jetstream.api.v1.error_response",
+                Err(ApiError::bad_request()),
+            ),
+        }
+    }
+
+    fn answer_msg(&self, rest: &str, payload: &[u8]) -> Vec<u8> {
+        match rest.split_once('.') {
+            Some(("GET", stream)) => reply_json(
+                "io.nats.jetstream.api.v1.stream_msg_get_response",
+                parse::<MsgGetRequest>(payload).and_then(|r| self.stream(stream)?.get_message(&r)),
+            ),
+            Some(("DELETE", stream)) => reply_json(
+                "io.nats.jetstream.api.v1.stream_msg_delete_response",
+                parse::<MsgDeleteRequest>(payload).and_then(|r| {
+                    self.stream(stream)?.delete_message(r.seq)?;
+                    Ok(Success { success: true })
+                }),
+            ),
+            _ => reply_json::<()>(
+                "io.nats.jetstream.api.v1.error_response",
+                Err(ApiError::bad_request()),
+            ),
+        }
+    }
+
+    fn answer_consumer(&self, verb: &str, rest: &str, payload: &[u8]) -> Vec<u8> {
+        let kind = |k: &str| format!("io.nats.jetstream.api.v1.consumer_{k}_response");
+        let (stream_name, tail) = rest.split_once('.').map_or((rest, ""), |(s, t)| (s, t));
+        let stream = self.stream(stream_name);
+        match verb {
+            "CREATE" | "DURABLE" => {
+                // CONSUMER.CREATE.<stream>[.<name>[.<filter>]] and
+                // CONSUMER.DURABLE.CREATE.<stream>.<durable>.
+                let (stream_name, name, filter, durable) = if verb == "DURABLE" {
+                    let (s, d) = tail.split_once('.').unwrap_or((tail, ""));
+                    (s, Some(d), None, true)
+                } else {
+                    let mut it = tail.splitn(2, '.');
+                    (
+                        stream_name,
+                        it.next().filter(|n| !n.is_empty()),
+                        it.next(),
+                        false,
+                    )
+                };
+                let stream = if verb == "DURABLE" {
+                    self.stream(stream_name)
+                } else {
+                    stream
+                };
+                reply_json(
+                    &kind("create"),
+                    parse::<CreateConsumerRequest>(payload).and_then(|mut r| {
+                        let stream = stream?;
+                        if !r.stream_name.is_empty() && r.stream_name != stream_name {
+                            return Err(ApiError::new(400, 10056, "stream name in subject does not match request"));
+                        }
+                        if let Some(name) = name {
+                            if durable && r.config.durable_name.is_none() {
+                                r.config.durable_name = Some(name.to_string());
+                            }
+                            match r.config.consumer_name() {
+                                Some(n) if n != name => {
+                                    return Err(ApiError::new(400, 10017, "consumer name in subject does not match durable name in request"))
+                                }
+                                None => r.config.name = Some(name.to_string()),
+                                _ => {}
+                            }
+                        }
+                        if let Some(filter) = filter {
+                            let filters = r.config.filters();
+                            if filters.len() > 1 || filters.first().is_some_and(|f| f != filter) {
+                                return Err(ApiError::new(400, 10131, "Consumer create request did not match filtered subject from create subject"));
+                            }
+                        }
+                        let consumer = stream.create_consumer(r.config, &r.action)?;
+                        Ok(consumer.info())
+                    }),
+                )
+            }
+            "INFO" => reply_json(
+                &kind("info"),
+                stream
+                    .and_then(|s| s.consumer(tail).ok_or_else(ApiError::consumer_not_found))
+                    .map(|c| c.info()),
+            ),
+            "DELETE" => reply_json(
+                &kind("delete"),
+                stream
+                    .and_then(|s| s.delete_consumer(tail))
+                    .map(|()| Success { success: true }),
+            ),
+            "NAMES" | "LIST" => {
+                let request = parse::<ListRequest>(payload);
+                let result = stream.and_then(|s| Ok((s, request?)));
+                if verb == "NAMES" {
+                    #[derive(Serialize)]
+                    struct Names {
+                        consumers: Vec<String>,
+                    }
+                    reply_json(
+                        &kind("names"),
+                        result.map(|(s, r)| {
+                            let (total, consumers) =
+                                page(&s.consumer_names(), r.offset, NAMES_LIMIT);
+                            Paged {
+                                total,
+                                offset: r.offset,
+                                limit: NAMES_LIMIT,
+                                items: Names { consumers },
+                            }
+                        }),
+                    )
+                } else {
+                    #[derive(Serialize)]
+                    struct List {
+                        consumers: Vec<api::ConsumerInfo>,
+                    }
+                    reply_json(
+                        &kind("list"),
+                        result.map(|(s, r)| {
+                            let (total, names) = page(&s.consumer_names(), r.offset, LIST_LIMIT);
+                            let consumers = names
+                                .iter()
+                                .filter_map(|n| Some(s.consumer(n)?.info()))
+                                .collect();
+                            Paged {
+                                total,
+                                offset: r.offset,
+                                limit: LIST_LIMIT,
+                                items: List { consumers },
+                            }
+                        }),
+                    )
+                }
+            }
+            _ => reply_json::<()>(
+                "io.nats.jetstream.api.v1.error_response",
+                Err(ApiError::bad_request()),
+            ),
+        }
+    }
+
+    fn stream_names(&self, subject: Option<&str>) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.streams
+                .read()
+                .values()
+                .filter(|s| {
+                    subject.is_none_or(|f| {
+                        s.config().subjects.iter().any(|ours| {
+                            crate::subject::patterns_overlap(ours.as_bytes(), f.as_bytes())
+                        })
+                    })
+                })
+                .map(|s| s.name().to_string())
+                .collect();
+        names.sort();
+        names
+    }
+
+    fn account_info(&self) -> serde_json::Value {
+        let streams = self.streams.read();
+        let (mut memory, mut storage, mut consumers) = (0u64, 0u64, 0usize);
+        for s in streams.values() {
+            let bytes = s.state().bytes;
+            match s.config().storage {
+                api::Storage::Memory => memory += bytes,
+                api::Storage::File => storage += bytes,
+            }
+            consumers += s.consumer_names().len();
+        }
+        serde_json::json!({
+            "memory": memory,
+            "storage": storage,
+            "reserved_memory": 0,
+            "reserved_storage": 0,
+            "streams": streams.len(),
+            "consumers": consumers,
+            "limits": {
+                "max_memory": -1, "max_storage": -1, "max_streams": -1, "max_consumers": -1,
+                "max_ack_pending": -1, "memory_max_stream_bytes": -1,
+                "storage_max_stream_bytes": -1, "max_bytes_required": false
+            },
+            "api": {"total": 0, "errors": 0},
+        })
+    }
+}
+
+async fn sync_periodically(js: Weak<JetStream>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(js) = js.upgrade() else {
+            return;
+        };
+        let _ = tokio::task::spawn_blocking(move || js.storage.sync()).await;
+    }
+}
+
+/// Applies `max_age` once a second.
+async fn expire_periodically(js: Weak<JetStream>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(js) = js.upgrade() else {
+            return;
+        };
+        let streams: Vec<Arc<Stream>> = js.streams.read().values().cloned().collect();
+        let now = now_nanos();
+        let _ = tokio::task::spawn_blocking(move || {
+            for s in streams {
+                s.expire(now);
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,751 @@
+//! One stream: its configuration, its store, the ingest path that turns
+//! publishes into stored messages and PubAcks, and its consumers.
+//!
+//! Ingest: the stream's [`InternalSubscriber`] copies each captured message
+//! into a bounded queue (a full queue answers 503 rather than growing); the
+//! ingest task stores whatever has queued up as one batch on the blocking
+//! pool and, with `sync = "always"`, fsyncs once for the whole batch before
+//! any of its PubAcks is sent. De-duplication (`Nats-Msg-Id`) and the
+//! `Nats-Expected-*` checks happen in store order, so they are exact.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+
+use base64::Engine;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::headers::{header_str, HeaderBlock};
+use crate::protocol::Message;
+use crate::store::{MemoryStore, StoreError, StoreLimits, StoredMessage, StreamState, StreamStore};
+use crate::subject;
+use crate::subscription::{InternalSubscriber, Subscription};
+
+use super::api::{
+    now_nanos, rfc3339, ApiError, ClusterInfo, ConsumerConfig, Discard, MsgGetRequest,
+    PurgeRequest, Retention, Storage, StreamConfig, StreamInfo, StreamStateJson,
+    DEFAULT_DUPLICATE_WINDOW,
+};
+use super::consumer::{self, Consumer};
+use super::JetStream;
+
+/// Messages waiting to be stored; beyond this publishers get a 503.
+const INGEST_QUEUE: usize = 65_536;
+/// Most messages stored (and fsynced) as one batch.
+const BATCH_MAX: usize = 4096;
+
+/// What is persisted about the stream itself.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    config: StreamConfig,
+    created: i64,
+}
+
+/// Recent `Nats-Msg-Id`s, for de-duplication within `duplicate_window`.
+#[derive(Default)]
+struct Dedup {
+    ids: HashMap<String, u64>,
+    order: VecDeque<(i64, String)>,
+    last_id: Option<String>,
+}
+
+impl Dedup {
+    fn prune(&mut self, now: i64, window: i64) {
+        while let Some((ts, _)) = self.order.front() {
+            if now - ts <= window {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    fn record(&mut self, id: &str, seq: u64, ts: i64) {
+        self.ids.insert(id.to_string(), seq);
+        self.order.push_back((ts, id.to_string()));
+        self.last_id = Some(id.to_string());
+    }
+}
+
+pub(crate) struct Stream {
+    name: String,
+    js: Weak<JetStream>,
+    config: RwLock<StreamConfig>,
+    created: i64,
+    store: Arc<dyn StreamStore>,
+    ingest: mpsc::Sender<Message>,
+    dedup: Mutex<Dedup>,
+    consumers: RwLock<HashMap<String, Arc<Consumer>>>,
+    subscriptions: Mutex<Vec<Arc<Subscription>>>,
+    stopped: CancellationToken,
+}
+
+/// Checks a config and fills in nats-server's defaults.
+pub(crate) fn normalize(mut config: StreamConfig) -> Result<StreamConfig, ApiError> {
+    let name_ok = !config.name.is_empty()
+        && !config
+            .name
+            .chars()
+            .any(|c| matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace());
+    if !name_ok {
+        return Err(ApiError::stream_config(
+            "stream name is required and can not contain '.', '*', '>'",
+        ));
+    }
+    if config.mirror.is_some() || config.sources.is_some() {
+        return Err(ApiError::stream_config(
+            "stream mirrors and sources are not supported",
+        ));
+    }
+    if config.num_replicas > 1 {
+        return Err(ApiError::stream_config(
+            "replicas > 1 not supported in non-clustered mode",
+        ));
+    }
+    config.num_replicas = 1;
+    if config.subjects.is_empty() {
+        config.subjects = vec![config.name.clone()];
+    }
+    for s in &config.subjects {
+        if !subject::is_valid_subject(s.as_bytes()) || s.starts_with("$JS.API") {
+            return Err(ApiError::stream_config(format!("invalid subject {s:?}")));
+        }
+    }
+    if config.duplicate_window <= 0 {
+        config.duplicate_window = DEFAULT_DUPLICATE_WINDOW;
+        if config.max_age > 0 {
+            config.duplicate_window = config.duplicate_window.min(config.max_age);
+        }
+    }
+    if config.max_age < 0 || config.duplicate_window < 0 {
+        return Err(ApiError::stream_config(
+            "negative durations are not allowed",
+        ));
+    }
+    Ok(config)
+}
+
+fn limit(v: i64) -> Option<u64> {
+    (v > 0).then_some(v as u64)
+}
+
+fn store_limits(c: &StreamConfig) -> StoreLimits {
+    StoreLimits {
+        max_msgs: limit(c.max_msgs),
+        max_bytes: limit(c.max_bytes),
+        max_age: (c.max_age > 0).then(|| std::time::Duration::from_nanos(c.max_age as u64)),
+        max_msgs_per_subject: limit(c.max_msgs_per_subject),
+        max_msg_size: limit(c.max_msg_size),
+        discard_new: c.discard == Discard::New,
+        discard_new_per_subject: c.discard_new_per_subject,
+    }
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::MaxMsgSize => ApiError::new(400, 10054, "message size exceeds maximum allowed"),
+        other => ApiError::store_failed(other),
+    }
+}
+
+impl Stream {
+    pub(crate) fn create(
+        js: &Arc<JetStream>,
+        config: StreamConfig,
+    ) -> Result<Arc<Stream>, ApiError> {
+        let store: Arc<dyn StreamStore> = match config.storage {
+            Storage::File => js
+                .storage()
+                .open_stream(&config.name, store_limits(&config))
+                .map_err(|e| ApiError::new(500, 10049, e.to_string()))?,
+            Storage::Memory => Arc::new(MemoryStore::new(store_limits(&config))),
+        };
+        let meta = Meta {
+            config,
+            created: now_nanos(),
+        };
+        store
+            .save_meta(&serde_json::to_vec(&meta).unwrap_or_default())
+            .map_err(|e| ApiError::new(500, 10049, e.to_string()))?;
+        Ok(Stream::start(js, meta, store))
+    }
+
+    /// Reopens a stream found in the store, with its consumers.
+    pub(crate) fn restore(js: &Arc<JetStream>, name: &str) -> Result<Arc<Stream>, StoreError> {
+        let store = js.storage().open_stream(name, StoreLimits::default())?;
+        let meta: Meta = store
+            .load_meta()?
+            .and_then(|m| serde_json::from_slice(&m).ok())
+            .ok_or_else(|| StoreError::corrupt(format!("stream {name} has no readable config")))?;
+        store.update_limits(store_limits(&meta.config))?;
+        let store: Arc<dyn StreamStore> = store;
+        let stream = Stream::start(js, meta, Arc::clone(&store));
+        stream.rebuild_dedup();
+        for (name, record) in store.load_consumers()? {
+            match Consumer::restore(&stream, &record) {
+                Ok(c) => {
+                    stream.consumers.write().insert(name, c);
+                }
+                Err(e) => tracing::error!(
+                    "consumer {name} of stream {} could not be restored: {e}",
+                    stream.name
+                ),
+            }
+        }
+        Ok(stream)
+    }
+
+    fn start(js: &Arc<JetStream>, meta: Meta, store: Arc<dyn StreamStore>) -> Arc<Stream> {
+        let (tx, rx) = mpsc::channel(INGEST_QUEUE);
+        let stream = Arc::new(Stream {
+            name: meta.config.name.clone(),
+            js: Arc::downgrade(js),
+            config: RwLock::new(meta.config),
+            created: meta.created,
+            store,
+            ingest: tx,
+            dedup: Mutex::new(Dedup::default()),
+            consumers: RwLock::new(HashMap::new()),
+            subscriptions: Mutex::new(Vec::new()),
+            stopped: CancellationToken::new(),
+        });
+        stream.subscribe();
+        tokio::spawn(ingest_loop(
+            Arc::downgrade(&stream),
+            rx,
+            stream.stopped.clone(),
+        ));
+        stream
+    }
+
+    fn subscribe(self: &Arc<Self>) {
+        let Some(server) = self.server_state() else {
+            return;
+        };
+        let handler: Arc<dyn InternalSubscriber> = Arc::new(Ingest(Arc::downgrade(self)));
+        let mut subs = self.subscriptions.lock();
+        for sub in subs.drain(..) {
+            server.remove_subscription(&sub);
+        }
+        for s in &self.config.read().subjects {
+            match server.subscribe_internal(s, None, Arc::clone(&handler)) {
+                Ok(sub) => subs.push(sub),
+                Err(e) => tracing::error!("stream {}: cannot capture {s}: {e}", self.name),
+            }
+        }
+    }
+
+    fn server_state(&self) -> Option<Arc<crate::server::ServerState>> {
+        self.js.upgrade()?.server()
+    }
+
+    pub(crate) fn js(&self) -> Option<Arc<JetStream>> {
+        self.js.upgrade()
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn config(&self) -> StreamConfig {
+        self.config.read().clone()
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn StreamStore> {
+        &self.store
+    }
+
+    pub(crate) fn state(&self) -> StreamState {
+        self.store.state()
+    }
+
+    /// Stops ingest and every consumer, and releases the subscriptions.
+    pub(crate) fn stop(&self) {
+        self.stopped.cancel();
+        if let Some(server) = self.server_state() {
+            for sub in self.subscriptions.lock().drain(..) {
+                server.remove_subscription(&sub);
+            }
+        }
+        for c in self.consumers.write().drain().map(|(_, c)| c) {
+            c.stop();
+        }
+    }
+
+    pub(crate) fn info(&self, subjects_filter: Option<&str>) -> Result<StreamInfo, ApiError> {
+        let config = self.config();
+        let s = self.store.state();
+        let subjects = match subjects_filter {
+            Some(f) if !f.is_empty() => Some(
+                self.store
+                    .subjects(f.as_bytes())
+                    .map_err(ApiError::store_failed)?
+                    .into_iter()
+                    .map(|(subject, n)| (String::from_utf8_lossy(&subject).into_owned(), n))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let leader = self
+            .server_state()
+            .map(|srv| srv.info.server_name.clone())
+            .unwrap_or_default();
+        Ok(StreamInfo {
+            config,
+            created: rfc3339(self.created),
+            state: StreamStateJson {
+                messages: s.messages,
+                bytes: s.bytes,
+                first_seq: if s.last_seq == 0 { 0 } else { s.first_seq },
+                first_ts: rfc3339(s.first_ts),
+                last_seq: s.last_seq,
+                last_ts: rfc3339(s.last_ts),
+                num_subjects: s.num_subjects,
+                num_deleted: s.num_deleted,
+                consumer_count: self.consumers.read().len(),
+                subjects,
+            },
+            cluster: ClusterInfo { leader },
+            ts: rfc3339(now_nanos()),
+        })
+    }
+
+    /// Applies a changed config (STREAM.UPDATE or the config file).
+    pub(crate) fn update(self: &Arc<Self>, new: StreamConfig) -> Result<(), ApiError> {
+        let new = normalize(new)?;
+        let old = self.config();
+        if new.storage != old.storage {
+            return Err(ApiError::stream_config(
+                "stream configuration update can not change storage type",
+            ));
+        }
+        if (new.retention == Retention::WorkQueue) != (old.retention == Retention::WorkQueue) {
+            return Err(ApiError::stream_config(
+                "stream configuration update can not change retention policy to/from workqueue",
+            ));
+        }
+        if new == old {
+            return Ok(());
+        }
+        self.store
+            .update_limits(store_limits(&new))
+            .map_err(|e| ApiError::new(500, 10069, e.to_string()))?;
+        let subjects_changed = new.subjects != old.subjects;
+        *self.config.write() = new.clone();
+        let meta = Meta {
+            config: new,
+            created: self.created,
+        };
+        self.store
+            .save_meta(&serde_json::to_vec(&meta).unwrap_or_default())
+            .map_err(|e| ApiError::new(500, 10069, e.to_string()))?;
+        if subjects_changed {
+            self.subscribe();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn purge(&self, r: &PurgeRequest) -> Result<u64, ApiError> {
+        if self.config.read().deny_purge {
+            return Err(ApiError::new(500, 10110, "stream purge not permitted"));
+        }
+        if r.seq.is_some() && r.keep.is_some() {
+            return Err(ApiError::bad_request());
+        }
+        let purged = self
+            .store
+            .purge(r.filter.as_deref().map(str::as_bytes), r.seq, r.keep)
+            .map_err(|e| ApiError::new(500, 10110, e.to_string()))?;
+        self.sync_if_always();
+        Ok(purged)
+    }
+
+    pub(crate) fn delete_message(&self, seq: u64) -> Result<(), ApiError> {
+        if self.config.read().deny_delete {
+            return Err(ApiError::new(500, 10057, "message delete not permitted"));
+        }
+        match self.store.delete(seq) {
+            Ok(true) => {
+                self.sync_if_always();
+                Ok(())
+            }
+            Ok(false) => Err(ApiError::new(500, 10057, "no message found")),
+            Err(e) => Err(ApiError::new(500, 10057, e.to_string())),
+        }
+    }
+
+    fn sync_if_always(&self) {
+        if self.js().is_some_and(|js| js.sync_always()) {
+            if let Err(e) = self.store.sync() {
+                tracing::error!("stream {}: sync failed: {e}", self.name);
+            }
+        }
+    }
+
+    fn find(&self, r: &MsgGetRequest) -> Result<Option<StoredMessage>, StoreError> {
+        match (&r.last_by_subj, &r.next_by_subj, r.seq) {
+            (Some(subject), _, _) => self.store.last_for_subject(subject.as_bytes()),
+            (None, Some(subject), seq) => self.store.next_matching(
+                seq.unwrap_or(0),
+                &[Bytes::copy_from_slice(subject.as_bytes())],
+            ),
+            (None, None, Some(seq)) => self.store.get(seq),
+            (None, None, None) => Ok(None),
+        }
+    }
+
+    pub(crate) fn get_message(&self, r: &MsgGetRequest) -> Result<serde_json::Value, ApiError> {
+        if r.seq.is_none() && r.last_by_subj.is_none() && r.next_by_subj.is_none() {
+            return Err(ApiError::bad_request());
+        }
+        let m = self
+            .find(r)
+            .map_err(ApiError::store_failed)?
+            .ok_or_else(ApiError::no_message_found)?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut message = serde_json::json!({
+            "subject": String::from_utf8_lossy(&m.subject),
+            "seq": m.seq,
+            "data": b64.encode(m.data()),
+            "time": rfc3339(m.timestamp),
+        });
+        if m.header_len > 0 {
+            message["hdrs"] = b64.encode(m.headers()).into();
+        }
+        Ok(serde_json::json!({ "message": message }))
+    }
+
+    /// DIRECT.GET: answers with the stored message itself, its stream
+    /// coordinates in headers, or a 404 status.
+    pub(crate) fn direct_get(&self, last_by: Option<&str>, payload: &[u8], reply: Option<&[u8]>) {
+        let (Some(server), Some(reply)) = (self.server_state(), reply) else {
+            return;
+        };
+        if !self.config.read().allow_direct {
+            consumer::send_status(&server, reply, 503, "", &[]);
+            return;
+        }
+        let request = match last_by {
+            Some(subject) => Ok(MsgGetRequest {
+                last_by_subj: Some(subject.to_string()),
+                ..Default::default()
+            }),
+            None => serde_json::from_slice::<MsgGetRequest>(payload),
+        };
+        let found = match request {
+            Ok(r) => self.find(&r).ok().flatten(),
+            Err(_) => {
+                consumer::send_status(&server, reply, 408, "Bad Request", &[]);
+                return;
+            }
+        };
+        let Some(m) = found else {
+            consumer::send_status(&server, reply, 404, "Message Not Found", &[]);
+            return;
+        };
+        let mut block = HeaderBlock::new(None);
+        for (name, value) in consumer::original_headers(&m) {
+            block = block.add(name, value);
+        }
+        let headers = block
+            .add("Nats-Stream", &self.name)
+            .add("Nats-Subject", &String::from_utf8_lossy(&m.subject))
+            .add("Nats-Sequence", &m.seq.to_string())
+            .add("Nats-Time-Stamp", &rfc3339(m.timestamp))
+            .finish();
+        let mut payload = headers.to_vec();
+        payload.extend_from_slice(m.data());
+        let msg = Message::new(&m.subject, None, Some(headers.len()), &payload);
+        server.send_internal(reply, &msg);
+    }
+
+    pub(crate) fn expire(&self, now: i64) {
+        if self.config.read().max_age > 0 {
+            if let Err(e) = self.store.expire(now) {
+                tracing::warn!("stream {}: expiring messages failed: {e}", self.name);
+            }
+        }
+    }
+
+    pub(crate) fn consumer(&self, name: &str) -> Option<Arc<Consumer>> {
+        self.consumers.read().get(name).cloned()
+    }
+
+    pub(crate) fn consumer_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.consumers.read().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    pub(crate) fn create_consumer(
+        self: &Arc<Self>,
+        config: ConsumerConfig,
+        action: &str,
+    ) -> Result<Arc<Consumer>, ApiError> {
+        let config = consumer::normalize(config, &self.config(), &self.consumers.read())?;
+        let name = config.consumer_name().unwrap_or_default().to_string();
+        let existing = self.consumer(&name);
+        match (existing, action) {
+            (Some(c), _) if c.config() == config => Ok(c),
+            (Some(_), "create") => Err(ApiError::new(400, 10148, "consumer already exists")),
+            (Some(c), _) => {
+                c.update(config)?;
+                Ok(c)
+            }
+            (None, "update") => Err(ApiError::new(400, 10149, "consumer does not exist")),
+            (None, _) => {
+                let max = self.config.read().max_consumers;
+                if max > 0 && self.consumers.read().len() as i64 >= max {
+                    return Err(ApiError::new(400, 10026, "maximum consumers limit reached"));
+                }
+                let c = Consumer::create(self, config)?;
+                self.consumers.write().insert(name, Arc::clone(&c));
+                Ok(c)
+            }
+        }
+    }
+
+    pub(crate) fn delete_consumer(&self, name: &str) -> Result<(), ApiError> {
+        let c = self
+            .consumers
+            .write()
+            .remove(name)
+            .ok_or_else(ApiError::consumer_not_found)?;
+        c.stop();
+        c.notify_deleted();
+        self.store
+            .delete_consumer(name)
+            .map_err(ApiError::store_failed)?;
+        Ok(())
+    }
+
+    /// A consumer acknowledged `seq`: under workqueue retention the message
+    /// is done; under interest retention once every consumer that wants it
+    /// has acknowledged it.
+    pub(crate) fn acknowledged(&self, seq: u64, subject: &[u8]) {
+        let retention = self.config.read().retention;
+        let done = match retention {
+            Retention::Limits => false,
+            Retention::WorkQueue => true,
+            Retention::Interest => self
+                .consumers
+                .read()
+                .values()
+                .all(|c| !c.wants(subject) || c.has_acked(seq)),
+        };
+        if done {
+            if let Err(e) = self.store.delete(seq) {
+                tracing::warn!(
+                    "stream {}: removing acknowledged {seq} failed: {e}",
+                    self.name
+                );
+            }
+        }
+    }
+
+    fn notify_consumers(&self) {
+        for c in self.consumers.read().values() {
+            c.wake();
+        }
+    }
+
+    /// Rebuilds the de-duplication window from stored `Nats-Msg-Id`s, so
+    /// that a retry after a restart is still recognised.
+    fn rebuild_dedup(&self) {
+        let window = self.config.read().duplicate_window;
+        let now = now_nanos();
+        let Ok(mut seq) = self.store.seq_for_time(now - window) else {
+            return;
+        };
+        let mut dedup = self.dedup.lock();
+        while let Ok(Some(m)) = self.store.next_matching(seq, &[]) {
+            if let Some(id) = header_str(m.headers(), "Nats-Msg-Id") {
+                dedup.record(id, m.seq, m.timestamp);
+            }
+            seq = m.seq + 1;
+        }
+    }
+
+    /// Stores a batch and answers each publish. Runs on the blocking pool.
+    fn store_batch(&self, batch: Vec<Message>) {
+        let now = now_nanos();
+        let mut results: Vec<(Option<Bytes>, Result<PubAck, ApiError>)> = batch
+            .iter()
+            .map(|m| {
+                (
+                    m.reply().map(Bytes::copy_from_slice),
+                    self.store_one(m, now),
+                )
+            })
+            .collect();
+        let stored_any = results
+            .iter()
+            .any(|(_, r)| matches!(r, Ok(a) if !a.duplicate));
+        if stored_any && self.js().is_some_and(|js| js.sync_always()) {
+            if let Err(e) = self.store.sync() {
+                tracing::error!(
+                    "stream {}: fsync failed, publishes are not acknowledged: {e}",
+                    self.name
+                );
+                for (_, r) in &mut results {
+                    *r = Err(ApiError::store_failed(&e));
+                }
+            }
+        }
+        if stored_any {
+            self.notify_consumers();
+        }
+        let Some(server) = self.server_state() else {
+            return;
+        };
+        for (reply, result) in results {
+            if let Some(reply) = reply {
+                let body = match result {
+                    Ok(ack) => serde_json::to_vec(&ack).unwrap_or_default(),
+                    Err(error) => serde_json::to_vec(&serde_json::json!({ "error": error }))
+                        .unwrap_or_default(),
+                };
+                server.send_internal(&reply, &Message::new(&reply, None, None, &body));
+            }
+        }
+    }
+
+    fn store_one(&self, m: &Message, now: i64) -> Result<PubAck, ApiError> {
+        let config = self.config.read();
+        if config.sealed {
+            return Err(ApiError::new(
+                400,
+                10109,
+                "invalid operation on sealed stream",
+            ));
+        }
+        let headers = m.headers();
+        if let Some(expected) = header_str(headers, "Nats-Expected-Stream") {
+            if expected != self.name {
+                return Err(ApiError::new(400, 10060, "expected stream does not match"));
+            }
+        }
+        let mut dedup = self.dedup.lock();
+        dedup.prune(now, config.duplicate_window);
+        let msg_id = header_str(headers, "Nats-Msg-Id").filter(|id| !id.is_empty());
+        if let Some(seq) = msg_id.and_then(|id| dedup.ids.get(id)) {
+            return Ok(PubAck {
+                stream: self.name.clone(),
+                seq: *seq,
+                duplicate: true,
+            });
+        }
+        let state = self.store.state();
+        if let Some(expected) = header_str(headers, "Nats-Expected-Last-Sequence") {
+            if expected.parse::<u64>().ok() != Some(state.last_seq) {
+                return Err(ApiError::new(
+                    400,
+                    10071,
+                    format!("wrong last sequence: {}", state.last_seq),
+                ));
+            }
+        }
+        if let Some(expected) = header_str(headers, "Nats-Expected-Last-Msg-Id") {
+            let last = dedup.last_id.as_deref().unwrap_or("");
+            if expected != last {
+                return Err(ApiError::new(
+                    400,
+                    10070,
+                    format!("wrong last msg ID: {last}"),
+                ));
+            }
+        }
+        if let Some(expected) = header_str(headers, "Nats-Expected-Last-Subject-Sequence") {
+            let last = self
+                .store
+                .last_for_subject(m.subject())
+                .map_err(ApiError::store_failed)?
+                .map_or(0, |s| s.seq);
+            if expected.parse::<u64>().ok() != Some(last) {
+                return Err(ApiError::new(
+                    400,
+                    10071,
+                    format!("wrong last sequence: {last}"),
+                ));
+            }
+        }
+        let seq = self
+            .store
+            .append(m.subject(), m.header_len().unwrap_or(0), m.payload(), now)
+            .map_err(store_error)?;
+        if let Some(id) = msg_id {
+            dedup.record(id, seq, now);
+        }
+        Ok(PubAck {
+            stream: self.name.clone(),
+            seq,
+            duplicate: false,
+        })
+    }
+}
+
+/// The reply to a stored publish.
+#[derive(Serialize)]
+struct PubAck {
+    stream: String,
+    seq: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+/// The stream's subscription on its subjects: queues a copy of each
+/// message for the ingest task.
+struct Ingest(Weak<Stream>);
+
+impl InternalSubscriber for Ingest {
+    fn receive(&self, msg: &Message) -> bool {
+        let Some(stream) = self.0.upgrade() else {
+            return false;
+        };
+        // A copy: the original is a slice of a client's read buffer, which
+        // must not be pinned by a queue.
+        let owned = Message::new(msg.subject(), msg.reply(), msg.header_len(), msg.payload());
+        if stream.ingest.try_send(owned).is_err() {
+            if let (Some(server), Some(reply)) = (stream.server_state(), msg.reply()) {
+                let error = ApiError::new(429, 10167, "too many requests");
+                let body =
+                    serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
+                server.send_internal(reply, &Message::new(reply, None, None, &body));
+            }
+        }
+        true
+    }
+}
+
+async fn ingest_loop(
+    stream: Weak<Stream>,
+    mut rx: mpsc::Receiver<Message>,
+    stopped: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = stopped.cancelled() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let Some(s) = stream.upgrade() else {
+            return;
+        };
+        if tokio::task::spawn_blocking(move || s.store_batch(batch))
+            .await
+            .is_err()
+        {
+            tracing::error!("stream ingest batch panicked");
+        }
+    }
+}

@@ -1,0 +1,569 @@
+//! A small async NATS client over one TCP connection, built on Skiff's own
+//! [`protocol`](crate::protocol) module. It backs `skiff pub/sub/req/reply`
+//! and `skiff bench`, and speaks to Skiff and nats-server alike.
+//!
+//! One [`Connection`] owns the socket, a read buffer and a write buffer, and
+//! every method takes `&mut self`: no background task, lock or channel sits
+//! between the caller and the socket, which keeps the per-message cost of the
+//! benchmark client close to the cost of parsing.
+//!
+//! Invariants:
+//! - Outgoing ops are appended whole to the write buffer. It is written when
+//!   it passes [`WRITE_CHUNK`] bytes (so many PUBs share one syscall), and
+//!   always before the connection waits for input, so a request, a reply or a
+//!   PONG never sits in the buffer while we block.
+//! - Wherever ops are read, server PINGs are answered and `-ERR` becomes
+//!   [`Error::Server`]. Messages read while waiting for something else (the
+//!   PONG of [`Connection::flush`], a publisher's opportunistic read) are
+//!   kept, in order, and returned first by [`Connection::next_message`].
+//! - Waiting methods are cancel-safe: dropped half-way (by a timeout, say)
+//!   they leave both buffers consistent, so the connection stays usable.
+//! - Nothing that comes from the network is unwrapped.
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::{
+    encode_connect, encode_pub_header, encode_sub, encode_unsub, parse_server_op, ConnectOptions,
+    Limits, Message, ProtocolError, ServerInfo, ServerOp, CRLF, PING, PONG,
+};
+
+/// The server the command-line tools use unless told otherwise.
+pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
+/// The port of a URL that names none.
+const DEFAULT_PORT: u16 = 4222;
+/// Buffered output is written once it reaches this size.
+pub const WRITE_CHUNK: usize = 64 * 1024;
+/// Read buffer growth step, and the least free space a read is given.
+const READ_CHUNK: usize = 64 * 1024;
+const READ_MIN: usize = 4 * 1024;
+/// Longest control line accepted from a server: a clustered server's INFO
+/// carries its peers' URLs and can be much longer than a MSG line.
+const MAX_CONTROL_LINE: usize = 64 * 1024;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid server URL `{0}`: expected nats://host:port or host:port")]
+    Url(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the server sent invalid protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the server did not start with INFO")]
+    NoInfo,
+    #[error("invalid INFO from the server: {0}")]
+    Info(#[source] serde_json::Error),
+    /// The text of a `-ERR` line, without its quotes.
+    #[error("server error: {0}")]
+    Server(String),
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("timed out")]
+    Timeout,
+    #[error("no responders for a request on `{0}`")]
+    NoResponders(String),
+    #[error("a {size}-byte message exceeds the server's max_payload of {max} bytes")]
+    MaxPayload { size: usize, max: usize },
+}
+
+/// What reading stopped at: a delivery, or the answer to one of our PINGs.
+enum Event {
+    Message(Message),
+    Pong,
+}
+
+/// The reply subjects of [`Connection::request`]: one wildcard subscription
+/// to `_INBOX.<random>.*`, a fresh last token per request.
+struct Inbox {
+    prefix: String,
+    next: u64,
+}
+
+/// One client connection. See the module docs for the buffering rules.
+pub struct Connection {
+    stream: TcpStream,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    info: ServerInfo,
+    limits: Limits,
+    next_sid: u64,
+    /// Our PINGs whose PONG has not come back yet.
+    pings_out: usize,
+    /// Messages read while waiting for something else.
+    backlog: VecDeque<Message>,
+    inbox: Option<Inbox>,
+}
+
+impl Connection {
+    /// Connects to `url` (`nats://host:port`, `host:port` or `host`), reads
+    /// the server's INFO, sends CONNECT and returns once the server has
+    /// answered a PING, i.e. has accepted the connection.
+    pub async fn connect(url: &str) -> Result<Connection, Error> {
+        let addr = host_port(url)?;
+        let stream = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| Error::Connect { addr, source })?;
+        // Writes are coalesced here already; Nagle would only add latency.
+        stream.set_nodelay(true)?;
+        let mut conn = Connection {
+            stream,
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            info: ServerInfo::default(),
+            limits: Limits {
+                max_control_line: MAX_CONTROL_LINE,
+                ..Limits::default()
+            },
+            next_sid: 0,
+            pings_out: 0,
+            backlog: VecDeque::new(),
+            inbox: None,
+        };
+        conn.info = match conn.next_op().await? {
+            ServerOp::Info(json) => serde_json::from_slice(&json).map_err(Error::Info)?,
+            _ => return Err(Error::NoInfo),
+        };
+        // The server never delivers more than it accepts from a publisher.
+        conn.limits.max_payload = conn.info.max_payload;
+        let options = ConnectOptions {
+            verbose: Some(false),
+            pedantic: Some(false),
+            echo: Some(true),
+            headers: Some(true),
+            no_responders: Some(true),
+            protocol: Some(1),
+            lang: Some("rust-skiff".to_string()),
+            version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            ..ConnectOptions::default()
+        };
+        encode_connect(&mut conn.write_buf, &options);
+        conn.flush().await?;
+        Ok(conn)
+    }
+
+    /// The server's INFO as received on connect.
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// Queues a publish. The write happens once enough output is buffered,
+    /// or at the next wait; call [`Connection::flush`] to be sure the server
+    /// has processed it.
+    pub async fn publish(
+        &mut self,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Result<(), Error> {
+        self.append_pub(subject, reply, payload)?;
+        if self.write_buf.len() >= WRITE_CHUNK {
+            self.write_out().await?;
+            // A publisher may never wait for input: look at what the server
+            // sent (a PING to answer, an -ERR to report) without blocking.
+            self.poll_incoming()?;
+        }
+        Ok(())
+    }
+
+    /// Queues `SUB subject [queue] sid` and returns the sid. It reaches the
+    /// server with the next write; [`Connection::flush`] makes sure it is in
+    /// place before anything is published.
+    pub fn subscribe(&mut self, subject: &[u8], queue: Option<&[u8]>) -> u64 {
+        self.next_sid += 1;
+        let sid = itoa::Buffer::new()
+            .format(self.next_sid)
+            .as_bytes()
+            .to_vec();
+        encode_sub(&mut self.write_buf, subject, queue, &sid);
+        self.next_sid
+    }
+
+    /// Queues `UNSUB sid [max]`: with `max`, the subscription ends after that
+    /// many messages in total.
+    pub fn unsubscribe(&mut self, sid: u64, max: Option<u64>) {
+        encode_unsub(
+            &mut self.write_buf,
+            itoa::Buffer::new().format(sid).as_bytes(),
+            max,
+        );
+    }
+
+    /// The next message delivered to any of this connection's subscriptions.
+    pub async fn next_message(&mut self) -> Result<Message, Error> {
+        loop {
+            if let Some(message) = self.try_next_message()? {
+                return Ok(message);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// The next message if it has already been read, without I/O. A busy
+    /// consumer drains each read with it and waits (with a timeout, say)
+    /// only when it returns `None`.
+    pub fn try_next_message(&mut self) -> Result<Option<Message>, Error> {
+        if let Some(message) = self.backlog.pop_front() {
+            return Ok(Some(message));
+        }
+        // A PONG here answers a flush that was cancelled: nothing waits.
+        while let Some(event) = self.buffered_event()? {
+            if let Event::Message(message) = event {
+                return Ok(Some(message));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes everything buffered, then waits until the server has answered a
+    /// PING, i.e. has processed everything sent before it.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        self.write_buf.put_slice(PING);
+        self.pings_out += 1;
+        // PONGs come back in order, so once none is outstanding ours is in;
+        // counting also absorbs the PONG of an earlier, cancelled flush.
+        while self.pings_out > 0 {
+            if let Event::Message(message) = self.next_event().await? {
+                self.backlog.push_back(message);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `payload` to `subject` with a fresh reply subject and waits
+    /// up to `timeout` for the reply. A 503 status (no subscriber) is
+    /// [`Error::NoResponders`]. A reply that arrives after its request timed
+    /// out is dropped by later requests, but may be returned by
+    /// [`Connection::next_message`].
+    pub async fn request(
+        &mut self,
+        subject: &[u8],
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Message, Error> {
+        let reply = self.new_reply_subject();
+        // Appended, not published: nothing may be read (and possibly put in
+        // the backlog) before the wait below.
+        self.append_pub(subject, Some(reply.as_bytes()), payload)?;
+        let wait = async {
+            loop {
+                let Event::Message(message) = self.next_event().await? else {
+                    continue;
+                };
+                if message.subject() == reply.as_bytes() {
+                    return if is_no_responders(&message) {
+                        Err(Error::NoResponders(
+                            String::from_utf8_lossy(subject).into_owned(),
+                        ))
+                    } else {
+                        Ok(message)
+                    };
+                }
+                if !self.is_inbox_subject(message.subject()) {
+                    self.backlog.push_back(message);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| Error::Timeout)?
+    }
+
+    /// A new reply subject under this connection's inbox, subscribing to the
+    /// inbox on first use.
+    fn new_reply_subject(&mut self) -> String {
+        let inbox = match &mut self.inbox {
+            Some(inbox) => inbox,
+            None => {
+                let token: String = rand::thread_rng()
+                    .sample_iter(&Alphanumeric)
+                    .take(22)
+                    .map(char::from)
+                    .collect();
+                let prefix = format!("_INBOX.{token}.");
+                self.subscribe(format!("{prefix}*").as_bytes(), None);
+                self.inbox.insert(Inbox { prefix, next: 0 })
+            }
+        };
+        inbox.next += 1;
+        format!("{}{}", inbox.prefix, inbox.next)
+    }
+
+    fn is_inbox_subject(&self, subject: &[u8]) -> bool {
+        self.inbox
+            .as_ref()
+            .is_some_and(|inbox| subject.starts_with(inbox.prefix.as_bytes()))
+    }
+
+    /// Encodes a PUB into the write buffer, refusing what the server would
+    /// refuse (and close the connection for).
+    fn append_pub(
+        &mut self,
+        subject: &[u8],
+        reply: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Result<(), Error> {
+        if payload.len() > self.info.max_payload {
+            return Err(Error::MaxPayload {
+                size: payload.len(),
+                max: self.info.max_payload,
+            });
+        }
+        encode_pub_header(&mut self.write_buf, subject, reply, None, payload.len());
+        self.write_buf.put_slice(payload);
+        self.write_buf.put_slice(CRLF);
+        Ok(())
+    }
+
+    /// Reads until a message or a PONG, handling everything else.
+    async fn next_event(&mut self) -> Result<Event, Error> {
+        loop {
+            if let Some(event) = self.buffered_event()? {
+                return Ok(event);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// The next message or PONG among the ops already read, handling the
+    /// others on the way.
+    fn buffered_event(&mut self) -> Result<Option<Event>, Error> {
+        while let Some(op) = parse_server_op(&mut self.read_buf, &self.limits)? {
+            if let Some(event) = self.handle(op)? {
+                return Ok(Some(event));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Handles the control ops; returns what a caller may be waiting for.
+    fn handle(&mut self, op: ServerOp) -> Result<Option<Event>, Error> {
+        match op {
+            ServerOp::Msg { message, .. } => Ok(Some(Event::Message(message))),
+            ServerOp::Pong => {
+                self.pings_out = self.pings_out.saturating_sub(1);
+                Ok(Some(Event::Pong))
+            }
+            ServerOp::Ping => {
+                self.write_buf.put_slice(PONG);
+                Ok(None)
+            }
+            // A later INFO announces cluster changes, which we do not follow.
+            ServerOp::Ok | ServerOp::Info(_) => Ok(None),
+            ServerOp::Err(text) => Err(Error::Server(
+                String::from_utf8_lossy(&text)
+                    .trim()
+                    .trim_matches('\'')
+                    .to_string(),
+            )),
+        }
+    }
+
+    /// The next op as it is (only the handshake needs one unhandled).
+    async fn next_op(&mut self) -> Result<ServerOp, Error> {
+        loop {
+            if let Some(op) = parse_server_op(&mut self.read_buf, &self.limits)? {
+                return Ok(op);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads more input, after writing out all pending output.
+    async fn fill(&mut self) -> Result<(), Error> {
+        self.write_out().await?;
+        self.reserve_read();
+        if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Reads what has already arrived, without waiting, and handles it;
+    /// messages go to the backlog.
+    fn poll_incoming(&mut self) -> Result<(), Error> {
+        self.reserve_read();
+        match self.stream.try_read_buf(&mut self.read_buf) {
+            Ok(0) => return Err(Error::Closed),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        while let Some(event) = self.buffered_event()? {
+            if let Event::Message(message) = event {
+                self.backlog.push_back(message);
+            }
+        }
+        Ok(())
+    }
+
+    fn reserve_read(&mut self) {
+        if self.read_buf.capacity() - self.read_buf.len() < READ_MIN {
+            self.read_buf.reserve(READ_CHUNK);
+        }
+    }
+
+    /// Writes the whole write buffer. Cancel-safe: `write_all_buf` advances
+    /// the buffer past whatever was written before a cancellation.
+    async fn write_out(&mut self) -> Result<(), Error> {
+        if !self.write_buf.is_empty() {
+            self.stream.write_all_buf(&mut self.write_buf).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A reply that only says nobody is subscribed: an `HMSG` with status 503.
+fn is_no_responders(message: &Message) -> bool {
+    message.headers().starts_with(b"NATS/1.0 503")
+}
+
+/// `host:port` from a server URL, with the default port when none is given.
+fn host_port(url: &str) -> Result<String, Error> {
+    let bad = || Error::Url(url.to_string());
+    let rest = match url.trim().split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("nats") => rest,
+        Some(_) => return Err(bad()),
+        None => url.trim(),
+    };
+    let rest = rest.trim_end_matches('/');
+    // Credentials in the URL and paths belong to later features.
+    if rest.is_empty() || rest.contains(['@', '/', ',']) {
+        return Err(bad());
+    }
+    let bracketed_ipv6 = rest.starts_with('[') && rest.ends_with(']');
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !bracketed_ipv6 => {
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad());
+            }
+            Ok(rest.to_string())
+        }
+        _ => Ok(format!("{rest}:{DEFAULT_PORT}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Server, ServerHandle};
+
+    async fn server() -> ServerHandle {
+        Server::start(Config {
+            listen: "127.0.0.1:0".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("server starts")
+    }
+
+    #[test]
+    fn urls_are_understood() {
+        assert_eq!(host_port("nats://1.2.3.4:5").unwrap(), "1.2.3.4:5");
+        assert_eq!(host_port("localhost").unwrap(), "localhost:4222");
+        assert_eq!(host_port("NATS://h/").unwrap(), "h:4222");
+        assert_eq!(host_port("[::1]").unwrap(), "[::1]:4222");
+        assert_eq!(host_port("[::1]:7").unwrap(), "[::1]:7");
+        for bad in ["http://h:1", "h:port", "", "u:p@h:1", ":4222", "a:1,b:2"] {
+            assert!(host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn publish_subscribe_and_flush() {
+        let server = server().await;
+        let mut sub = Connection::connect(&server.client_url()).await.unwrap();
+        assert!(sub.info().headers);
+        let sid = sub.subscribe(b"a.*", None);
+        sub.unsubscribe(sid, Some(3));
+        sub.flush().await.unwrap();
+
+        let mut publisher = Connection::connect(&server.client_url()).await.unwrap();
+        // More than one write chunk, so that publish writes on its own.
+        let body = vec![b'x'; 1000];
+        for _ in 0..100 {
+            publisher.publish(b"a.b", None, &body).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+        for _ in 0..3 {
+            let m = sub.next_message().await.unwrap();
+            assert_eq!((m.subject(), m.data().len()), (&b"a.b"[..], 1000));
+        }
+        // Auto-unsubscribed after 3: a flush sees no further message.
+        sub.flush().await.unwrap();
+        assert!(sub.backlog.is_empty());
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn request_reply_timeout_and_no_responders() {
+        let server = server().await;
+        let url = server.client_url();
+        let mut replier = Connection::connect(&url).await.unwrap();
+        replier.subscribe(b"svc", Some(b"q"));
+        replier.flush().await.unwrap();
+        let serve = tokio::spawn(async move {
+            let m = replier.next_message().await.unwrap();
+            let reply = m.reply().unwrap().to_vec();
+            replier.publish(&reply, None, b"pong").await.unwrap();
+            replier.flush().await.unwrap();
+            replier
+        });
+
+        let mut requester = Connection::connect(&url).await.unwrap();
+        let m = requester
+            .request(b"svc", b"ping", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(m.data(), b"pong");
+        let _replier = serve.await.unwrap();
+
+        // The replier is alive but no longer answers: a timeout.
+        let err = requester
+            .request(b"svc", b"ping", Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout), "{err}");
+        let err = requester
+            .request(b"nobody", b"", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NoResponders(_)), "{err}");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn oversized_publish_is_refused_locally() {
+        let server = server().await;
+        let mut conn = Connection::connect(&server.client_url()).await.unwrap();
+        let big = vec![0; conn.info().max_payload + 1];
+        let err = conn.publish(b"x", None, &big).await.unwrap_err();
+        assert!(matches!(err, Error::MaxPayload { .. }), "{err}");
+        conn.flush().await.unwrap();
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn connecting_to_nothing_fails() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = Connection::connect(&addr.to_string())
+            .await
+            .err()
+            .expect("nothing listens");
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+    }
+}

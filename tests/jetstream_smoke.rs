@@ -1,0 +1,76 @@
+//! First end-to-end check of durable streams with async-nats.
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::StreamExt;
+use skiff::{Config, Server};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_fetch_ack_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    config.jetstream.store_dir = dir.path().to_path_buf();
+    let server = Server::start(config.clone()).await.unwrap();
+    let client = async_nats::connect(server.client_url()).await.unwrap();
+    let js = jetstream::new(client);
+    let s = js
+        .create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let ack = js
+            .publish(format!("orders.{i}"), format!("order {i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(ack.sequence, i + 1);
+    }
+    let consumer = s
+        .create_consumer(pull::Config {
+            durable_name: Some("worker".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = consumer.fetch().max_messages(5).messages().await.unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = msgs.next().await {
+        let m = m.unwrap();
+        got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        m.ack().await.unwrap();
+    }
+    assert_eq!(
+        got,
+        (0..5).map(|i| format!("order {i}")).collect::<Vec<_>>()
+    );
+    let mut consumer = consumer;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.ack_floor.stream_sequence, 5);
+    assert_eq!(info.num_pending, 5);
+    drop(js);
+    server.shutdown().await;
+
+    let server = Server::start(config).await.unwrap();
+    let client = async_nats::connect(server.client_url()).await.unwrap();
+    let js = jetstream::new(client);
+    let mut s = js.get_stream("ORDERS").await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 10);
+    let consumer: jetstream::consumer::PullConsumer = s.get_consumer("worker").await.unwrap();
+    let mut msgs = consumer.fetch().max_messages(10).messages().await.unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = msgs.next().await {
+        let m = m.unwrap();
+        got.push(m.info().unwrap().stream_sequence);
+        m.ack().await.unwrap();
+    }
+    assert_eq!(got, (6..=10).collect::<Vec<_>>());
+    server.shutdown().await;
+}
