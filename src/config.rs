@@ -162,10 +162,23 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        // Tables shared with the JSON API (declared streams) ignore unknown
+        // fields there, as nats-server does; in a file a misspelt key is
+        // refused all the same.
+        let mut ignored = Vec::new();
+        let config: Config = serde_ignored::deserialize(toml::Deserializer::new(text), |path| {
+            ignored.push(path.to_string())
+        })
+        .map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.to_string(),
         })?;
+        if let Some(key) = ignored.first() {
+            return Err(ConfigError::Parse {
+                path: PathBuf::new(),
+                message: format!("unknown key `{key}`"),
+            });
+        }
         config.validate()?;
         Ok(config)
     }
@@ -247,6 +260,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
         _ => return Err(format!("unknown duration unit in `{text}`")),
     })
 }
@@ -284,6 +298,22 @@ mod tests {
             .to_string();
         assert!(err.contains("max_paylod"), "{err}");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn declared_streams_are_parsed_and_checked() {
+        let c = Config::from_toml(
+            "[[jetstream.streams]]\nname = \"ORDERS\"\nsubjects = [\"orders.>\"]\nmax_age = \"7d\"\n\
+             [[jetstream.streams.consumers]]\ndurable_name = \"ship\"\nack_policy = \"explicit\"\nack_wait = \"30s\"\n",
+        )
+        .unwrap();
+        let s = &c.jetstream.streams[0];
+        assert_eq!(s.max_age, 7 * 86_400 * 1_000_000_000);
+        assert_eq!(s.consumers[0].ack_wait, 30_000_000_000);
+        let err = Config::from_toml("[[jetstream.streams]]\nname = \"O\"\nmax_mesgs = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_mesgs"), "{err}");
     }
 
     #[test]

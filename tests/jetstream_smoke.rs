@@ -74,3 +74,42 @@ async fn publish_fetch_ack_and_restart() {
     assert_eq!(got, (6..=10).collect::<Vec<_>>());
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_declared_in_conf_streams_toml_exist_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/streams.toml");
+    let mut config = Config::from_file(&path).unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.jetstream.store_dir = dir.path().to_path_buf();
+    let server = Server::start(config.clone()).await.unwrap();
+    let client = async_nats::connect(server.client_url()).await.unwrap();
+    let js = jetstream::new(client);
+    let mut orders = js.get_stream("ORDERS").await.unwrap();
+    let info = orders.info().await.unwrap();
+    assert_eq!(info.config.subjects, vec!["orders.>".to_string()]);
+    assert_eq!(
+        info.config.max_age,
+        std::time::Duration::from_secs(7 * 86_400)
+    );
+    let mut fulfilment: jetstream::consumer::PullConsumer =
+        orders.get_consumer("fulfilment").await.unwrap();
+    let c = fulfilment.info().await.unwrap();
+    assert_eq!(c.config.max_deliver, 5);
+    assert_eq!(c.config.backoff.len(), 3);
+    let mut jobs = js.get_stream("JOBS").await.unwrap();
+    assert_eq!(
+        jobs.info().await.unwrap().config.retention,
+        stream::RetentionPolicy::WorkQueue
+    );
+    server.shutdown().await;
+
+    // Starting again on the same store with the same file changes nothing.
+    let server = Server::start(config).await.unwrap();
+    let client = async_nats::connect(server.client_url()).await.unwrap();
+    let js = jetstream::new(client);
+    let mut names: Vec<String> = js.stream_names().map(|n| n.unwrap()).collect().await;
+    names.sort();
+    assert_eq!(names, vec!["JOBS".to_string(), "ORDERS".to_string()]);
+    server.shutdown().await;
+}
