@@ -12,13 +12,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (url, server) = match std::env::var("NATS_URL") {
         Ok(url) => (url, None),
         Err(_) => {
-            let mut config = skiff::Config {
-                listen: "127.0.0.1:0".into(),
-                ..Default::default()
-            };
-            // Core messaging only: no store needed.
-            config.jetstream.enabled = false;
-            let server = skiff::Server::start(config).await?;
+            let server = skiff::Server::start(skiff::Config::core("127.0.0.1:0")).await?;
             (server.client_url(), Some(server))
         }
     };

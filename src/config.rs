@@ -145,6 +145,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Core messaging only, on `listen`: no durable streams, so nothing is
+    /// written to disk and any number of servers can run in one process
+    /// (what tests, benchmarks and examples embed).
+    pub fn core(listen: &str) -> Config {
+        let mut config = Config {
+            listen: listen.to_string(),
+            ..Config::default()
+        };
+        config.jetstream.enabled = false;
+        config
+    }
+
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -10,8 +10,7 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), skiff::StartError> {
-//! let config = skiff::Config { listen: "127.0.0.1:0".into(), ..Default::default() };
-//! let server = skiff::Server::start(config).await?;
+//! let server = skiff::Server::start(skiff::Config::core("127.0.0.1:0")).await?;
 //! println!("clients connect to {}", server.client_url());
 //! server.shutdown().await;
 //! # Ok(()) }

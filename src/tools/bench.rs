@@ -1011,12 +1011,9 @@ mod tests {
     use crate::{Config, Server, ServerHandle};
 
     async fn server() -> ServerHandle {
-        Server::start(Config {
-            listen: "127.0.0.1:0".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("server starts")
+        Server::start(Config::core("127.0.0.1:0"))
+            .await
+            .expect("server starts")
     }
 
     fn small(url: &str, scenario: Scenario) -> BenchOptions {

@@ -79,12 +79,7 @@ mod tests {
 
     #[tokio::test]
     async fn sub_prints_and_reply_answers() {
-        let server = Server::start(Config {
-            listen: "127.0.0.1:0".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let server = Server::start(Config::core("127.0.0.1:0")).await.unwrap();
         let url = server.client_url();
 
         let mut sub = listen(&url, "greet.*", None).await.unwrap();

@@ -35,12 +35,7 @@ pub async fn start() -> ServerHandle {
 
 /// A server on a free loopback port with `tweak` applied to the defaults.
 pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> ServerHandle {
-    let mut config = Config {
-        listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    };
-    // Core tests run many servers at once: no shared store under ./data.
-    config.jetstream.enabled = false;
+    let mut config = Config::core("127.0.0.1:0");
     tweak(&mut config);
     Server::start(config).await.expect("server starts")
 }
