@@ -18,6 +18,9 @@
 
 pub mod api;
 mod consumer;
+// One file per concern, as in nats-server: the stream itself lives in
+// `stream::stream`.
+#[allow(clippy::module_inception)]
 mod stream;
 
 use std::collections::HashMap;
