@@ -113,3 +113,49 @@ async fn streams_declared_in_conf_streams_toml_exist_at_start() {
     assert_eq!(names, vec!["JOBS".to_string(), "ORDERS".to_string()]);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::core("127.0.0.1:0");
+    config.jetstream.enabled = true;
+    config.jetstream.store_dir = dir.path().to_path_buf();
+    config.jetstream.max_file_store = 4096;
+    let server = Server::start(config).await.unwrap();
+    let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
+    for (name, storage) in [
+        ("FULL", stream::StorageType::File),
+        ("MEM", stream::StorageType::Memory),
+    ] {
+        js.create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{}.>", name.to_lowercase())],
+            storage,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let kib = bytes::Bytes::from(vec![b'x'; 1024]);
+    let mut refused = None;
+    for i in 0..10 {
+        match js
+            .publish(format!("full.{i}"), kib.clone())
+            .await
+            .unwrap()
+            .await
+        {
+            Ok(ack) => assert_eq!(ack.sequence, i + 1),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a 4 KiB store refuses the fifth 1 KiB message");
+    assert!(refused.contains("insufficient storage"), "{refused}");
+    // Memory streams have their own (unset) limit and carry on.
+    let ack = js.publish("mem.1", kib).await.unwrap().await.unwrap();
+    assert_eq!(ack.stream, "MEM");
+    server.shutdown().await;
+}

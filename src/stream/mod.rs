@@ -70,6 +70,9 @@ pub struct JetStream {
     storage: FileStorage,
     streams: RwLock<HashMap<String, Arc<Stream>>>,
     sync: SyncPolicy,
+    /// `max_memory_store` and `max_file_store` (0: no limit).
+    max_memory: u64,
+    max_file: u64,
     api: std::sync::mpsc::SyncSender<ApiRequest>,
     subscriptions: Mutex<Vec<Arc<Subscription>>>,
 }
@@ -94,6 +97,8 @@ impl JetStream {
             storage,
             streams: RwLock::new(HashMap::new()),
             sync: config.sync,
+            max_memory: config.max_memory_store as u64,
+            max_file: config.max_file_store as u64,
             api: api_tx,
             subscriptions: Mutex::new(Vec::new()),
         });
@@ -180,6 +185,26 @@ impl JetStream {
 
     pub(crate) fn sync_always(&self) -> bool {
         self.sync == SyncPolicy::Always
+    }
+
+    /// Bytes still free under `max_memory_store`/`max_file_store` for
+    /// streams of `storage`; `None` without a limit.
+    pub(crate) fn storage_room(&self, storage: api::Storage) -> Option<u64> {
+        let limit = match storage {
+            api::Storage::Memory => self.max_memory,
+            api::Storage::File => self.max_file,
+        };
+        if limit == 0 {
+            return None;
+        }
+        let used: u64 = self
+            .streams
+            .read()
+            .values()
+            .filter(|s| s.config().storage == storage)
+            .map(|s| s.state().bytes)
+            .sum();
+        Some(limit.saturating_sub(used))
     }
 
     pub(crate) fn storage(&self) -> &FileStorage {

@@ -9,6 +9,7 @@
 //! `Nats-Expected-*` checks happen in store order, so they are exact.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use base64::Engine;
@@ -32,8 +33,11 @@ use super::api::{
 use super::consumer::{self, Consumer};
 use super::JetStream;
 
-/// Messages waiting to be stored; beyond this publishers get a 503.
+/// Messages waiting to be stored...
 const INGEST_QUEUE: usize = 65_536;
+/// ...and their bytes: beyond either, publishers get a 429 instead of the
+/// queue growing.
+const INGEST_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Most messages stored (and fsynced) as one batch.
 const BATCH_MAX: usize = 4096;
 
@@ -78,6 +82,8 @@ pub(crate) struct Stream {
     created: i64,
     store: Arc<dyn StreamStore>,
     ingest: mpsc::Sender<Message>,
+    /// Bytes in the ingest queue, against [`INGEST_MAX_BYTES`].
+    ingest_bytes: AtomicUsize,
     dedup: Mutex<Dedup>,
     consumers: RwLock<HashMap<String, Arc<Consumer>>>,
     subscriptions: Mutex<Vec<Arc<Subscription>>>,
@@ -208,6 +214,7 @@ impl Stream {
             created: meta.created,
             store,
             ingest: tx,
+            ingest_bytes: AtomicUsize::new(0),
             dedup: Mutex::new(Dedup::default()),
             consumers: RwLock::new(HashMap::new()),
             subscriptions: Mutex::new(Vec::new()),
@@ -572,14 +579,27 @@ impl Stream {
 
     /// Stores a batch and answers each publish. Runs on the blocking pool.
     fn store_batch(&self, batch: Vec<Message>) {
+        let queued: usize = batch.iter().map(|m| m.payload().len()).sum();
+        self.ingest_bytes.fetch_sub(queued, Ordering::Relaxed);
         let now = now_nanos();
+        let storage = self.config.read().storage;
+        let mut room = self.js().and_then(|js| js.storage_room(storage));
         let mut results: Vec<(Option<Bytes>, Result<PubAck, ApiError>)> = batch
             .iter()
             .map(|m| {
-                (
-                    m.reply().map(Bytes::copy_from_slice),
-                    self.store_one(m, now),
-                )
+                let size = crate::store::message_size(m.subject().len(), m.payload().len());
+                let result = match room {
+                    Some(left) if size > left => Err(ApiError::new(
+                        500,
+                        10047,
+                        "insufficient storage resources available",
+                    )),
+                    _ => self.store_one(m, now),
+                };
+                if let (Some(left), Ok(_)) = (&mut room, &result) {
+                    *left = left.saturating_sub(size);
+                }
+                (m.reply().map(Bytes::copy_from_slice), result)
             })
             .collect();
         let stored_any = results
@@ -709,7 +729,11 @@ impl InternalSubscriber for Ingest {
         // A copy: the original is a slice of a client's read buffer, which
         // must not be pinned by a queue.
         let owned = Message::new(msg.subject(), msg.reply(), msg.header_len(), msg.payload());
-        if stream.ingest.try_send(owned).is_err() {
+        let size = owned.payload().len();
+        let budget =
+            stream.ingest_bytes.fetch_add(size, Ordering::Relaxed) + size <= INGEST_MAX_BYTES;
+        if !budget || stream.ingest.try_send(owned).is_err() {
+            stream.ingest_bytes.fetch_sub(size, Ordering::Relaxed);
             if let (Some(server), Some(reply)) = (stream.server_state(), msg.reply()) {
                 let error = ApiError::new(429, 10167, "too many requests");
                 let body =
