@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::units::{parse_duration, parse_size};
+
 /// Everything the server needs to start. `Config::default()` is a working
 /// single node listening on `0.0.0.0:4222`.
 #[derive(Clone, Debug, Deserialize)]
@@ -234,47 +236,6 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         NumberOrText::Number(n) => Ok(Duration::from_secs(n)),
         NumberOrText::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
     }
-}
-
-fn split_unit(text: &str) -> Result<(u64, String), String> {
-    let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let number = text[..digits]
-        .parse::<u64>()
-        .map_err(|_| format!("`{text}` does not start with a number"))?;
-    Ok((number, text[digits..].trim().to_ascii_lowercase()))
-}
-
-/// `"64MB"` → bytes. Both decimal-looking and binary units mean powers of
-/// 1024, as in nats-server.
-pub fn parse_size(text: &str) -> Result<usize, String> {
-    let (n, unit) = split_unit(text)?;
-    let scale: u64 = match unit.as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("unknown size unit in `{text}`")),
-    };
-    n.checked_mul(scale)
-        .map(|b| b as usize)
-        .ok_or_else(|| format!("size `{text}` is too large"))
-}
-
-/// `"2m"` → a duration.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (n, unit) = split_unit(text)?;
-    Ok(match unit.as_str() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86_400),
-        _ => return Err(format!("unknown duration unit in `{text}`")),
-    })
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod subject;
 pub mod sublist;
 pub mod subscription;
 pub mod tools;
+pub mod units;
 
 pub use config::Config;
 pub use server::{Server, ServerHandle, StartError};

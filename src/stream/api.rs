@@ -468,7 +468,7 @@ enum NanosOrText {
 fn nanos_from(v: NanosOrText) -> Result<i64, String> {
     match v {
         NanosOrText::Nanos(n) => Ok(n),
-        NanosOrText::Text(t) => crate::config::parse_duration(&t).map(|d| d.as_nanos() as i64),
+        NanosOrText::Text(t) => crate::units::parse_duration(&t).map(|d| d.as_nanos() as i64),
     }
 }
 
