@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use skiff::config::{parse_duration, parse_size};
 use skiff::tools::bench::{self, BenchOptions, Scenario};
 use skiff::tools::{commands, DEFAULT_URL};
+use skiff::units::{parse_duration, parse_size};
 use skiff::{Config, Server};
 
 #[derive(Parser)]

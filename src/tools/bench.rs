@@ -452,7 +452,7 @@ impl Progress {
         let ticker = (enabled && std::io::stdout().is_terminal()).then(|| {
             let bar = ProgressBar::new(total).with_message(what);
             let style = ProgressStyle::with_template(
-                "{msg:>9} [{bar:40}] {human_pos}/{human_len} {per_sec} ({elapsed})",
+                "{msg:>9} [{bar:40}] {human_pos}/{human_len} {per_sec:0} ({elapsed})",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");

@@ -9,7 +9,7 @@
 //!
 //! Invariants:
 //! - Outgoing ops are appended whole to the write buffer. It is written when
-//!   it passes [`WRITE_CHUNK`] bytes (so many PUBs share one syscall), and
+//!   it passes `WRITE_CHUNK` bytes (so many PUBs share one syscall), and
 //!   always before the connection waits for input, so a request, a reply or a
 //!   PONG never sits in the buffer while we block.
 //! - Wherever ops are read, server PINGs are answered and `-ERR` becomes
@@ -40,7 +40,7 @@ pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 /// The port of a URL that names none.
 const DEFAULT_PORT: u16 = 4222;
 /// Buffered output is written once it reaches this size.
-pub const WRITE_CHUNK: usize = 64 * 1024;
+const WRITE_CHUNK: usize = 64 * 1024;
 /// Read buffer growth step, and the least free space a read is given.
 const READ_CHUNK: usize = 64 * 1024;
 const READ_MIN: usize = 4 * 1024;

@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# Compares Skiff with nats-server on this machine: the same `skiff bench`
+# scenarios against both, in the same run, and a markdown table of
+# Skiff / nats-server ratios on stdout (progress on stderr).
+#
+#   scripts/compare-nats-server.sh            # RUNS=3 by default
+#   RUNS=5 MSGS=2000000 scripts/compare-nats-server.sh
+#
+# Each pass starts both servers afresh on free loopback ports, measures the
+# idle-connection memory first (so the numbers are not those of a server
+# that has been under load), then the throughput and latency scenarios, the
+# two servers one after the other per scenario (alternating who goes first).
+# The table shows the median of RUNS passes, because a small shared machine
+# is noisy. Installs the Debian nats-server package if it is missing; no
+# test needs this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+MSGS=${MSGS:-1000000}         # pub, pubsub 16 B, fanout, queue
+BIG_MSGS=${BIG_MSGS:-300000}  # pubsub 1 KiB
+REQS=${REQS:-20000}           # reqrep
+CONNS=${CONNS:-10000}         # idle connections
+TIMEOUT=${TIMEOUT:-120s}      # bound on each bench run
+
+log() { echo "$*" >&2; }
+
+NATS_SERVER=$(command -v nats-server || true)
+if [[ -z $NATS_SERVER && -x /usr/sbin/nats-server ]]; then
+    NATS_SERVER=/usr/sbin/nats-server
+fi
+if [[ -z $NATS_SERVER ]]; then
+    log "installing nats-server (Debian package)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+    NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
+fi
+
+log "building skiff (release)"
+cargo build --release --quiet
+SKIFF=${CARGO_TARGET_DIR:-target}/release/skiff
+
+# The idle-connection scenario holds CONNS sockets in the bench and as many
+# in each server, which inherit this limit.
+ulimit -n $((CONNS + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+WORK=$(mktemp -d)
+SKIFF_PID=""
+NATS_PID=""
+
+stop_servers() {
+    for pid in $SKIFF_PID $NATS_PID; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    SKIFF_PID=""
+    NATS_PID=""
+}
+
+cleanup() {
+    stop_servers
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_for_port PORT LOG: waits up to 30 s for a server to listen on PORT.
+wait_for_port() {
+    for _ in $(seq 300); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+            return
+        fi
+        sleep 0.1
+    done
+    log "no server came up on port $1; the end of its log:"
+    tail -n 20 "$2" >&2
+    exit 1
+}
+
+start_servers() {
+    stop_servers
+    local skiff_port nats_port
+    skiff_port=$(free_port)
+    nats_port=$(free_port)
+    # A fresh stream store each time, never the working directory's.
+    "$SKIFF" serve --listen "127.0.0.1:$skiff_port" --store "$(mktemp -d -p "$WORK")" \
+        >>"$WORK/skiff.log" 2>&1 &
+    SKIFF_PID=$!
+    "$NATS_SERVER" -a 127.0.0.1 -p "$nats_port" >>"$WORK/nats.log" 2>&1 &
+    NATS_PID=$!
+    wait_for_port "$skiff_port" "$WORK/skiff.log"
+    wait_for_port "$nats_port" "$WORK/nats.log"
+    SKIFF_URL="nats://127.0.0.1:$skiff_port"
+    NATS_URL="nats://127.0.0.1:$nats_port"
+}
+
+# Clock ticks of CPU a process has used (user + system).
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
+# bench KEY SERVER ARGS...: one `skiff bench` run against SERVER (skiff or
+# nats); appends "KEY SERVER CPU_TICKS JSON" to the results.
+bench() {
+    local key=$1 server=$2
+    shift 2
+    local url pid
+    if [[ $server == skiff ]]; then
+        url=$SKIFF_URL pid=$SKIFF_PID
+    else
+        url=$NATS_URL pid=$NATS_PID
+    fi
+    local before json
+    before=$(cpu_ticks "$pid")
+    # A run that lost messages exits non-zero but still prints its summary.
+    json=$("$SKIFF" bench -s "$url" --json --no-progress --timeout "$TIMEOUT" --server-pid "$pid" "$@" || true)
+    if [[ -z $json ]]; then
+        log "  $key against $server failed"
+        return
+    fi
+    echo "$key $server $(($(cpu_ticks "$pid") - before)) $json" >>"$WORK/results"
+}
+
+# both KEY ARGS...: the scenario against both servers, alternating which
+# goes first from one pass to the next.
+both() {
+    local key=$1
+    shift
+    log "  $key"
+    if ((PASS % 2)); then
+        bench "$key" skiff "$@"
+        bench "$key" nats "$@"
+    else
+        bench "$key" nats "$@"
+        bench "$key" skiff "$@"
+    fi
+}
+
+for PASS in $(seq "$RUNS"); do
+    log "pass $PASS of $RUNS"
+    start_servers
+    both conns conns --conns "$CONNS"
+    # Fresh servers again: the 10,000 closed connections are not under test.
+    start_servers
+    both pub16 pub --msgs "$MSGS" --size 16
+    both pubsub16 pubsub --msgs "$MSGS" --size 16
+    both pubsub1k pubsub --msgs "$BIG_MSGS" --size 1024
+    both fanout4 fanout --msgs "$MSGS" --size 16 --subs 4
+    both queue4 queue --msgs "$MSGS" --size 16 --subs 4
+    both reqrep reqrep --msgs "$REQS" --size 16
+done
+stop_servers
+
+SKIFF_VERSION=$("$SKIFF" --version)
+NATS_VERSION=$("$NATS_SERVER" --version)
+python3 - "$WORK/results" "$RUNS" "$SKIFF_VERSION" "$NATS_VERSION" <<'PY'
+import json, os, statistics, sys
+from collections import defaultdict
+
+path, runs, skiff_version, nats_version = sys.argv[1:]
+tick = 1 / os.sysconf("SC_CLK_TCK")
+results = defaultdict(list)
+for line in open(path):
+    key, server, ticks, text = line.split(" ", 3)
+    report = json.loads(text)
+    report["cpu_secs"] = int(ticks) * tick
+    results[key, server].append(report)
+
+def get(report, field):
+    value = report
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+def per_msg_ns(report):
+    return report["cpu_secs"] * 1e9 / report["published"] if report["published"] else None
+
+# (key, scenario, metric label, field or function, higher is better)
+ROWS = [
+    ("pub16", "pub, 16 B", "publish msgs/s", "pub_msgs_per_sec", True),
+    ("pubsub16", "pubsub, 16 B", "delivered msgs/s", "sub_msgs_per_sec", True),
+    ("pubsub1k", "pubsub, 1 KiB", "delivered MB/s", "sub_mb_per_sec", True),
+    ("fanout4", "fanout to 4, 16 B", "delivered msgs/s (all subscribers)", "sub_msgs_per_sec", True),
+    ("queue4", "queue group of 4, 16 B", "delivered msgs/s", "sub_msgs_per_sec", True),
+    ("reqrep", "request/reply, 16 B", "p50 latency µs", "latency_us.p50", False),
+    ("reqrep", "request/reply, 16 B", "p99 latency µs", "latency_us.p99", False),
+    ("conns", "10,000 idle connections", "server RSS bytes per connection", "conns.bytes_per_conn", False),
+]
+CPU_ROWS = ["pub16", "pubsub16", "pubsub1k", "fanout4", "queue4", "reqrep"]
+
+def median(key, server, metric):
+    values = []
+    for report in results.get((key, server), []):
+        value = metric(report) if callable(metric) else get(report, metric)
+        if value is not None:
+            values.append(value)
+    return statistics.median(values) if values else None
+
+def lost(key, server):
+    return sum(r["lost"] + r["duplicates"] for r in results.get((key, server), []))
+
+def fmt(value):
+    if value is None:
+        return "n/a"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e4:
+        return f"{value:,.0f}"
+    return f"{value:,.1f}"
+
+def row(scenario, label, metric, key, higher):
+    s, n = median(key, "skiff", metric), median(key, "nats", metric)
+    ratio = f"{s / n:.2f}" if s and n else "n/a"
+    better = "higher is better" if higher else "lower is better"
+    notes = "".join(f"; {who} lost or duplicated {count} msgs"
+                    for who in ("skiff", "nats") if (count := lost(key, who)))
+    print(f"| {scenario} | {label} | {fmt(s)} | {fmt(n)} | {ratio} ({better}{notes}) |")
+
+print(f"Skiff ({skiff_version}) vs {nats_version}: median of {runs} runs\n")
+print("| Scenario | Metric | Skiff | nats-server | Skiff / nats-server |")
+print("|---|---|---|---|---|")
+for key, scenario, label, metric, higher in ROWS:
+    row(scenario, label, metric, key, higher)
+for key in CPU_ROWS:
+    scenario = next(r[1] for r in ROWS if r[0] == key)
+    row(scenario, "server CPU ns per published msg", per_msg_ns, key, False)
+PY
