@@ -8,8 +8,9 @@
 //!
 //! Invariants:
 //! - The cache never holds a result older than the trie: every change to the
-//!   trie clears the cache while holding the trie's write lock, and a result
-//!   is cached while still holding the read lock it was computed under.
+//!   trie drops the cached results of the subjects the changed pattern
+//!   matches while holding the trie's write lock, and a result is cached
+//!   while still holding the read lock it was computed under.
 //! - Empty trie nodes are pruned on removal, so churn does not grow memory.
 //! - The cache is bounded ([`CACHE_MAX`] subjects).
 //!
@@ -179,7 +180,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
             },
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.cache.clear();
+        self.invalidate(pattern);
         Ok(())
     }
 
@@ -191,9 +192,18 @@ impl<T: Clone + PartialEq> Sublist<T> {
         let removed = remove_from(&mut root, &tokens, queue, item);
         if removed {
             self.count.fetch_sub(1, Ordering::Relaxed);
-            self.cache.clear();
+            self.invalidate(pattern);
         }
         removed
+    }
+
+    /// Drops the cached results a change to `pattern` affects: those of the
+    /// subjects it matches. The others stay valid, so subscription churn on
+    /// one subject (request inboxes) does not slow publishers on others.
+    /// Called with the trie's write lock held.
+    fn invalidate(&self, pattern: &[u8]) {
+        self.cache
+            .retain(|cached, _| !subject::matches_pattern(pattern, cached));
     }
 
     /// All subscriptions matching the literal `subject`.

@@ -235,7 +235,13 @@ fn sizes(verb: Verb, args: &[&[u8]]) -> Result<(Option<usize>, usize), ProtocolE
 
 /// Frames one op at the start of `input`. `Ok(None)` means more bytes are
 /// needed; nothing about the input is remembered between calls.
-fn frame(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> {
+/// `allowed` is checked as soon as the verb is known, so an op the peer may
+/// not send is refused before its payload is waited for.
+fn frame(
+    input: &[u8],
+    limits: &Limits,
+    allowed: fn(Verb) -> bool,
+) -> Result<Option<Frame>, ProtocolError> {
     let (after_line, body) = match line(input) {
         Ok(done) => done,
         // A trailing `\r` may be the start of the line end: it does not
@@ -249,6 +255,9 @@ fn frame(input: &[u8], limits: &Limits) -> Result<Option<Frame>, ProtocolError> 
         return Err(ProtocolError::MaxControlLine);
     }
     let (rest, verb) = verb(body).map_err(|_| ProtocolError::UnknownOperation)?;
+    if !allowed(verb) {
+        return Err(ProtocolError::UnknownOperation);
+    }
     let (rest, _) = space0::<_, ()>(rest).map_err(|_| ProtocolError::UnknownOperation)?;
     // CONNECT, INFO and -ERR take free text (JSON may hold any number of
     // blanks), not arguments.
@@ -345,12 +354,9 @@ fn next_frame(
     limits: &Limits,
     allowed: fn(Verb) -> bool,
 ) -> Result<Option<Cut>, ProtocolError> {
-    let Some(frame) = frame(buf, limits)? else {
+    let Some(frame) = frame(buf, limits, allowed)? else {
         return Ok(None);
     };
-    if !allowed(frame.verb) {
-        return Err(ProtocolError::UnknownOperation);
-    }
     let chunk = buf.split_to(frame.len).freeze();
     Ok(Some(Cut { chunk, frame }))
 }
@@ -514,6 +520,11 @@ mod tests {
         );
         assert_eq!(
             client_ops(b"MSG a 1 0\r\n\r\n"),
+            Err(ProtocolError::UnknownOperation)
+        );
+        // Refused at once, not after buffering the announced payload.
+        assert_eq!(
+            client_ops(b"MSG a 1 1000\r\n"),
             Err(ProtocolError::UnknownOperation)
         );
     }
