@@ -375,7 +375,7 @@ impl Consumer {
             catch_up: catch_up.into(),
         };
         let consumer = Consumer::start(stream, record);
-        consumer.persist(&mut consumer.state.lock())?;
+        consumer.persist_durably(&mut consumer.state.lock())?;
         Ok(consumer)
     }
 
@@ -455,7 +455,7 @@ impl Consumer {
         }
         *self.config.write() = new;
         let mut st = self.state.lock();
-        self.persist(&mut st)?;
+        self.persist_durably(&mut st)?;
         drop(st);
         self.wake();
         Ok(())
@@ -619,6 +619,19 @@ impl Consumer {
         }
     }
 
+    /// Persists, and with `sync = "always"` fsyncs, before the API answers:
+    /// a consumer the client was told exists must survive a power cut.
+    fn persist_durably(&self, st: &mut State) -> Result<(), ApiError> {
+        self.persist(st)?;
+        let Some(stream) = self.stream.upgrade() else {
+            return Ok(());
+        };
+        if stream.js().is_some_and(|js| js.sync_always()) {
+            stream.store().sync().map_err(ApiError::store_failed)?;
+        }
+        Ok(())
+    }
+
     fn persist(&self, st: &mut State) -> Result<(), ApiError> {
         let Some(stream) = self.stream.upgrade() else {
             return Ok(());
@@ -666,18 +679,29 @@ impl Consumer {
         self.deliver(&mut st, &config, store.as_ref(), &server, now);
         self.finish_no_wait(&mut st, &server);
         self.heartbeats(&mut st, &config, &server, now);
+        if let (Some(deliver), true) = (&config.deliver_subject, config.inactive_threshold > 0) {
+            // A push consumer is active while its deliver subject has
+            // interest (nats-server's rule), delivered to or not.
+            if !server.sublist.matches(deliver.as_bytes()).is_empty() {
+                st.last_active = now;
+            }
+        }
         if st.dirty || !confirm.is_empty() {
             if let Err(e) = self.persist(&mut st) {
                 tracing::error!("consumer {}: saving state failed: {e}", self.name);
             }
         }
-        let inactive = config.durable_name.is_none()
-            && config.inactive_threshold > 0
+        // Durables too, when they set a threshold (nats-server 2.9+).
+        let inactive = config.inactive_threshold > 0
             && st.waiting.is_empty()
             && now.duration_since(st.last_active)
                 > Duration::from_nanos(config.inactive_threshold as u64);
         let next = next_deadline(&st, &config);
         drop(st);
+        // Retention deletes first, so that the sync below covers them too.
+        for (seq, subject_name) in done {
+            stream.acknowledged(seq, &subject_name);
+        }
         if !confirm.is_empty() {
             if js.sync_always() {
                 let _ = store.sync();
@@ -685,9 +709,6 @@ impl Consumer {
             for reply in confirm {
                 server.send_internal(&reply, &Message::new(&reply, None, None, b""));
             }
-        }
-        for (seq, subject_name) in done {
-            stream.acknowledged(seq, &subject_name);
         }
         if inactive {
             tracing::debug!(
@@ -854,8 +875,13 @@ impl Consumer {
             .deliver_subject
             .as_ref()
             .map(|d| Bytes::copy_from_slice(d.as_bytes()));
-        if push_target.is_some() && st.push_retry_at.is_some_and(|t| t > now) {
-            return;
+        if push_target.is_some() {
+            if st.push_retry_at.is_some_and(|t| t > now) {
+                return;
+            }
+            // Due: a failed delivery below sets it again. Left in the past
+            // it would make the consumer's task spin.
+            st.push_retry_at = None;
         }
         let mut num_pending =
             store.num_pending(st.next_seq, &filters).unwrap_or(0) + st.catch_up.len() as u64;
@@ -1042,7 +1068,16 @@ fn next_deadline(st: &State, config: &ConsumerConfig) -> Option<Instant> {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
     };
-    consider(st.pending.values().map(|p| p.deadline).min());
+    // Only deadlines still ahead: an expired message waits in `redeliver`
+    // (for a pull request or interest), and its past deadline would make
+    // the consumer's task spin until then.
+    consider(
+        st.pending
+            .iter()
+            .filter(|(seq, _)| !st.redeliver.contains(seq))
+            .map(|(_, p)| p.deadline)
+            .min(),
+    );
     for r in &st.waiting {
         consider(r.expires_at);
         consider(r.next_heartbeat);
@@ -1053,7 +1088,9 @@ fn next_deadline(st: &State, config: &ConsumerConfig) -> Option<Instant> {
             st.last_delivery + Duration::from_nanos(config.idle_heartbeat as u64),
         ));
     }
-    if config.durable_name.is_none() && config.inactive_threshold > 0 {
+    // While pull requests wait the consumer is active; their expiry wakes
+    // the task anyway.
+    if config.inactive_threshold > 0 && st.waiting.is_empty() {
         consider(Some(
             st.last_active
                 + Duration::from_nanos(config.inactive_threshold as u64)

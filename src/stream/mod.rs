@@ -362,6 +362,11 @@ fn api_thread(js: Weak<JetStream>, requests: std::sync::mpsc::Receiver<ApiReques
             continue;
         };
         let body = js.answer(&request);
+        // An empty body: the request was answered otherwise (DIRECT.GET
+        // replies with the message itself).
+        if body.is_empty() {
+            continue;
+        }
         if let Some(server) = js.server() {
             server.send_internal(&reply, &Message::new(&reply, None, None, &body));
         }
@@ -517,14 +522,16 @@ impl JetStream {
                     .split_once('.')
                     .map_or((rest, None), |(s, l)| (s, Some(l)));
                 match self.stream(stream) {
-                    Ok(s) => {
-                        s.direct_get(last_by, payload, request.reply.as_deref());
-                        Vec::new()
-                    }
-                    Err(e) => {
-                        reply_json::<()>("io.nats.jetstream.api.v1.stream_msg_get_response", Err(e))
+                    Ok(s) => s.direct_get(last_by, payload, request.reply.as_deref()),
+                    // nats-server has no responder for a stream that does
+                    // not exist: clients expect a no-responders status.
+                    Err(_) => {
+                        if let (Some(server), Some(reply)) = (self.server(), &request.reply) {
+                            consumer::send_status(&server, reply, 503, "", &[]);
+                        }
                     }
                 }
+                Vec::new()
             }
             ("CONSUMER", _) => self.answer_consumer(b, rest, payload),
             _ => reply_json::<()>(

@@ -113,6 +113,18 @@ pub(crate) fn normalize(mut config: StreamConfig) -> Result<StreamConfig, ApiErr
         ));
     }
     config.num_replicas = 1;
+    // As nats-server: 0 (what clients send for "not set") is unlimited, -1.
+    for limit in [
+        &mut config.max_msgs,
+        &mut config.max_bytes,
+        &mut config.max_msgs_per_subject,
+        &mut config.max_msg_size,
+        &mut config.max_consumers,
+    ] {
+        if *limit == 0 {
+            *limit = -1;
+        }
+    }
     if config.subjects.is_empty() {
         config.subjects = vec![config.name.clone()];
     }
@@ -177,6 +189,12 @@ impl Stream {
         store
             .save_meta(&serde_json::to_vec(&meta).unwrap_or_default())
             .map_err(|e| ApiError::new(500, 10049, e.to_string()))?;
+        // A stream the client was told exists must survive a power cut.
+        if js.sync_always() {
+            store
+                .sync()
+                .map_err(|e| ApiError::new(500, 10049, e.to_string()))?;
+        }
         Ok(Stream::start(js, meta, store))
     }
 
@@ -380,7 +398,11 @@ impl Stream {
                 self.sync_if_always();
                 Ok(())
             }
-            Ok(false) => Err(ApiError::new(500, 10057, "no message found")),
+            Ok(false) => Err(ApiError::new(
+                400,
+                10043,
+                format!("sequence {seq} not found"),
+            )),
             Err(e) => Err(ApiError::new(500, 10057, e.to_string())),
         }
     }
@@ -466,7 +488,11 @@ impl Stream {
             .finish();
         let mut payload = headers.to_vec();
         payload.extend_from_slice(m.data());
-        let msg = Message::new(&m.subject, None, Some(headers.len()), &payload);
+        // Sent on the reply subject itself, as nats-server does: clients
+        // match responses to requests by the subject (async-nats's request
+        // multiplexer drops anything else); the stored subject is in
+        // `Nats-Subject`.
+        let msg = Message::new(reply, None, Some(headers.len()), &payload);
         server.send_internal(reply, &msg);
     }
 

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod jetstream;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
