@@ -286,10 +286,10 @@ impl JetStream {
         match self.stream(stream).ok().and_then(|s| s.consumer(consumer)) {
             Some(c) => c.pull_request(reply, msg.data()),
             None => {
-                // nats-server answers a pull for a missing consumer with a
-                // 404 status so the client stops waiting.
+                // In nats-server a consumer answers its own pull subject, so
+                // a missing one means no responders: tell the client so.
                 if let Some(server) = self.server() {
-                    consumer::send_status(&server, reply, 404, "No Messages", &[]);
+                    consumer::send_status(&server, reply, 503, "", &[]);
                 }
             }
         }
