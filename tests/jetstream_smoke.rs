@@ -159,3 +159,124 @@ async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
     assert_eq!(ack.stream, "MEM");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_consumer_with_flow_control_gets_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::core("127.0.0.1:0");
+    config.jetstream.enabled = true;
+    config.jetstream.store_dir = dir.path().to_path_buf();
+    let server = Server::start(config).await.unwrap();
+    let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
+    let s = js
+        .create_stream(stream::Config {
+            name: "FC".into(),
+            subjects: vec!["fc.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // 4 MiB: many times the flow-control window, so delivery stalls and
+    // resumes repeatedly.
+    let payload = bytes::Bytes::from(vec![b'x'; 1024]);
+    let mut acks = Vec::new();
+    for i in 0..4096 {
+        acks.push(
+            js.publish(format!("fc.{i}"), payload.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let consumer = s
+        .create_consumer(jetstream::consumer::push::Config {
+            deliver_subject: "deliver.fc".into(),
+            flow_control: true,
+            idle_heartbeat: std::time::Duration::from_millis(500),
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut seen = 0u64;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while seen < 4096 {
+        let next = tokio::time::timeout_at(deadline, messages.next())
+            .await
+            .expect("all messages within 30 s")
+            .unwrap()
+            .unwrap();
+        seen += 1;
+        assert_eq!(next.info().unwrap().stream_sequence, seen);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_stalls_delivery_until_the_client_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::core("127.0.0.1:0");
+    config.jetstream.enabled = true;
+    config.jetstream.store_dir = dir.path().to_path_buf();
+    let server = Server::start(config).await.unwrap();
+    let client = async_nats::connect(server.client_url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let s = js
+        .create_stream(stream::Config {
+            name: "FC".into(),
+            subjects: vec!["fc.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let payload = bytes::Bytes::from(vec![b'x'; 1024]);
+    for i in 0..1024 {
+        js.publish(format!("fc.{i}"), payload.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // A plain subscriber that sees the raw deliveries and status messages.
+    let mut raw = client.subscribe("raw.fc").await.unwrap();
+    client.flush().await.unwrap();
+    s.create_consumer(jetstream::consumer::push::Config {
+        deliver_subject: "raw.fc".into(),
+        flow_control: true,
+        idle_heartbeat: std::time::Duration::from_secs(5),
+        ack_policy: jetstream::consumer::AckPolicy::None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let within = std::time::Duration::from_secs(10);
+    let mut data = 0;
+    let request = loop {
+        let m = tokio::time::timeout(within, raw.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match m.status {
+            Some(status) if status.as_u16() == 100 => break m.reply.expect("a request to answer"),
+            _ => data += 1,
+        }
+    };
+    assert!(
+        (200..=300).contains(&data),
+        "window of 256 KiB, got {data} messages"
+    );
+    // Unanswered: nothing more arrives.
+    let stalled = tokio::time::timeout(std::time::Duration::from_millis(700), raw.next()).await;
+    assert!(stalled.is_err(), "delivery went on without an answer");
+    // Answered: delivery resumes.
+    client.publish(request, bytes::Bytes::new()).await.unwrap();
+    let m = tokio::time::timeout(within, raw.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(m.status.is_none(), "a data message after the answer");
+    server.shutdown().await;
+}

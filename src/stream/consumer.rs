@@ -44,6 +44,9 @@ use super::stream::Stream;
 const DEFAULT_INACTIVE_THRESHOLD: i64 = 5_000_000_000;
 /// A push consumer without interest retries after this long.
 const PUSH_RETRY: Duration = Duration::from_millis(250);
+/// With flow control, a push consumer asks the client to confirm it keeps
+/// up after this many bytes, and waits for the answer.
+const FLOW_CONTROL_WINDOW: usize = 256 * 1024;
 
 /// Sends a status message (headers only) to `target`.
 pub(crate) fn send_status(
@@ -298,6 +301,12 @@ struct State {
     last_active: Instant,
     last_delivery: Instant,
     push_retry_at: Option<Instant>,
+    /// Flow control (push): the request the client has not answered yet;
+    /// delivery stalls until it does.
+    flow_control: Option<Bytes>,
+    /// Bytes delivered since the last flow-control request.
+    flow_bytes: usize,
+    flow_requests: u64,
 }
 
 pub(crate) struct Consumer {
@@ -424,6 +433,9 @@ impl Consumer {
                 last_active: now,
                 last_delivery: now,
                 push_retry_at: None,
+                flow_control: None,
+                flow_bytes: 0,
+                flow_requests: 0,
             }),
             config: RwLock::new(r.config),
             wake: Notify::new(),
@@ -848,6 +860,14 @@ impl Consumer {
         }
         if let (Some(deliver), true) = (&config.deliver_subject, config.idle_heartbeat > 0) {
             let every = Duration::from_nanos(config.idle_heartbeat as u64);
+            if let (Some(reply), true) = (
+                &st.flow_control,
+                now.duration_since(st.last_delivery) >= every,
+            ) {
+                // Stalled: repeat the request, in case the client missed it.
+                send_flow_control(server, deliver.as_bytes(), reply);
+                st.last_delivery = now;
+            }
             if now.duration_since(st.last_delivery) >= every {
                 let headers = [
                     ("Nats-Last-Consumer", st.delivered.consumer_seq.to_string()),
@@ -886,6 +906,15 @@ impl Consumer {
         let mut num_pending =
             store.num_pending(st.next_seq, &filters).unwrap_or(0) + st.catch_up.len() as u64;
         loop {
+            if push_target.is_some() && config.flow_control {
+                if st.flow_control.is_some() {
+                    return;
+                }
+                if st.flow_bytes >= FLOW_CONTROL_WINDOW {
+                    self.request_flow_control(st, server, config);
+                    return;
+                }
+            }
             if config.ack_policy != AckPolicy::None
                 && config.max_ack_pending > 0
                 && st.pending.len() as i64 >= config.max_ack_pending
@@ -941,6 +970,9 @@ impl Consumer {
             st.push_retry_at = None;
             st.last_active = now;
             st.last_delivery = now;
+            if push_target.is_some() && config.flow_control {
+                st.flow_bytes += size;
+            }
             st.delivered.consumer_seq = cseq;
             st.delivered.stream_seq = st.delivered.stream_seq.max(m.seq);
             if config.ack_policy == AckPolicy::None {
@@ -968,6 +1000,32 @@ impl Consumer {
                     }
                 }
             }
+        }
+    }
+
+    /// Asks the push client to confirm it keeps up; delivery waits for the
+    /// answer on the request's reply subject.
+    fn request_flow_control(&self, st: &mut State, server: &ServerState, config: &ConsumerConfig) {
+        let Some(deliver) = &config.deliver_subject else {
+            return;
+        };
+        st.flow_requests += 1;
+        let reply = Bytes::from(format!(
+            "$JS.FC.{}.{}.{}",
+            self.stream_name, self.name, st.flow_requests
+        ));
+        send_flow_control(server, deliver.as_bytes(), &reply);
+        st.flow_control = Some(reply);
+    }
+
+    /// The client answered a flow-control request (`$JS.FC....`).
+    pub(crate) fn flow_control_answered(&self, subject: &[u8]) {
+        let mut st = self.state.lock();
+        if st.flow_control.as_deref() == Some(subject) {
+            st.flow_control = None;
+            st.flow_bytes = 0;
+            drop(st);
+            self.wake();
         }
     }
 
@@ -1022,6 +1080,13 @@ enum Source {
     Redelivery,
     CatchUp,
     New,
+}
+
+/// `NATS/1.0 100 FlowControl Request`, answered by publishing to `reply`.
+fn send_flow_control(server: &ServerState, target: &[u8], reply: &[u8]) {
+    let block = HeaderBlock::new(Some((100, "FlowControl Request"))).finish();
+    let msg = Message::new(target, Some(reply), Some(block.len()), &block);
+    server.send_internal(target, &msg);
 }
 
 fn timeout_status(server: &ServerState, r: &PullRequest) {

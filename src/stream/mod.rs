@@ -47,6 +47,8 @@ pub(crate) use stream::Stream;
 const API_PREFIX: &str = "$JS.API.";
 /// Prefix of the reply subjects acks are sent to.
 const ACK_PREFIX: &str = "$JS.ACK.";
+/// Prefix of the reply subjects of flow-control requests.
+const FLOW_CONTROL_PREFIX: &str = "$JS.FC.";
 /// Requests waiting for the API thread; more are refused with 503.
 const API_QUEUE: usize = 4096;
 /// Names per NAMES page, infos per LIST page (nats-server's).
@@ -121,7 +123,7 @@ impl JetStream {
             })
             .map_err(JetStreamError::Thread)?;
         let handler: Arc<dyn InternalSubscriber> = Arc::new(ApiHandler(Arc::downgrade(&js)));
-        let subs = [API_PREFIX, ACK_PREFIX].map(|prefix| {
+        let subs = [API_PREFIX, ACK_PREFIX, FLOW_CONTROL_PREFIX].map(|prefix| {
             server.subscribe_internal(&format!("{prefix}>"), None, Arc::clone(&handler))
         });
         for sub in subs.into_iter().flatten() {
@@ -261,29 +263,28 @@ impl JetStream {
     }
 
     /// Routes an ack (`$JS.ACK.<stream>.<consumer>....`) to its consumer.
-    fn ack(&self, msg: &Message) {
-        let Ok(subject) = std::str::from_utf8(msg.subject()) else {
-            return;
-        };
-        let mut tokens = subject[ACK_PREFIX.len()..].split('.');
-        let (Some(stream), Some(consumer)) = (tokens.next(), tokens.next()) else {
-            return;
-        };
-        if let Some(c) = self.stream(stream).ok().and_then(|s| s.consumer(consumer)) {
+    fn ack(&self, subject: &str, msg: &Message) {
+        if let Some(c) = self.consumer_at(&subject[ACK_PREFIX.len()..]) {
             c.ack(subject, msg.reply(), msg.data());
         }
+    }
+
+    /// The consumer named by the first two tokens of `path`
+    /// (`<stream>.<consumer>[...]`), as in ack, flow-control and pull
+    /// subjects.
+    fn consumer_at(&self, path: &str) -> Option<Arc<consumer::Consumer>> {
+        let mut tokens = path.split('.');
+        let (stream, consumer) = (tokens.next()?, tokens.next()?);
+        self.stream(stream).ok()?.consumer(consumer)
     }
 
     /// A pull request (`CONSUMER.MSG.NEXT.<stream>.<consumer>`), handled on
     /// the publisher's task without waiting for the API thread.
     fn pull(&self, rest: &str, msg: &Message) -> bool {
-        let Some((stream, consumer)) = rest.split_once('.') else {
-            return false;
-        };
         let Some(reply) = msg.reply() else {
             return true;
         };
-        match self.stream(stream).ok().and_then(|s| s.consumer(consumer)) {
+        match self.consumer_at(rest) {
             Some(c) => c.pull_request(reply, msg.data()),
             None => {
                 // In nats-server a consumer answers its own pull subject, so
@@ -325,7 +326,13 @@ impl InternalSubscriber for ApiHandler {
             return false;
         };
         if subject.starts_with(ACK_PREFIX) {
-            js.ack(msg);
+            js.ack(subject, msg);
+            return true;
+        }
+        if let Some(rest) = subject.strip_prefix(FLOW_CONTROL_PREFIX) {
+            if let Some(c) = js.consumer_at(rest) {
+                c.flow_control_answered(msg.subject());
+            }
             return true;
         }
         if let Some(rest) = subject.strip_prefix("$JS.API.CONSUMER.MSG.NEXT.") {
