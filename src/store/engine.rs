@@ -61,6 +61,9 @@ pub struct PersistedState {
     pub last_ts: i64,
     pub messages: u64,
     pub bytes: u64,
+    /// Batches ever committed to the stream: anything saved alongside with
+    /// an equal count describes the stream as it is.
+    pub commits: u64,
 }
 
 /// One atomic change: store `put`, remove `removed`, record `state`.
@@ -124,6 +127,9 @@ pub trait Backend: Send + Sync + 'static {
     fn delete_consumer(&self, name: &str) -> Result<bool>;
     /// Drops all data of the stream.
     fn remove(&mut self) -> Result<()>;
+    /// The engine is going away cleanly: a chance to save the subject
+    /// summary so that the next open need not rebuild it. Best effort.
+    fn close(&mut self, _state: &PersistedState, _subjects: &[(Bytes, SubjectState)]) {}
 }
 
 /// A [`StreamStore`] over backend `B`.
@@ -150,6 +156,7 @@ struct Inner<B> {
     first_ts: i64,
     last_seq: u64,
     last_ts: i64,
+    commits: u64,
     subjects: SubjectMap,
     health: Health,
 }
@@ -220,6 +227,7 @@ impl<B: Backend> StreamEngine<B> {
                 first_ts,
                 last_seq: state.last_seq,
                 last_ts: state.last_ts,
+                commits: state.commits,
                 subjects,
                 health: Health::Open,
             }),
@@ -247,6 +255,21 @@ impl<B: Backend> std::fmt::Debug for StreamEngine<B> {
             .field("state", &inner.state())
             .field("limits", &inner.limits)
             .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Drop for StreamEngine<B> {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut();
+        if matches!(inner.health, Health::Open) {
+            let subjects: Vec<(Bytes, SubjectState)> = inner
+                .subjects
+                .iter()
+                .map(|(k, s)| (k.clone(), *s))
+                .collect();
+            let state = inner.persisted();
+            inner.backend.close(&state, &subjects);
+        }
     }
 }
 
@@ -291,6 +314,7 @@ impl<B: Backend> Inner<B> {
             last_ts: self.last_ts,
             messages: self.messages,
             bytes: self.bytes,
+            commits: self.commits,
         }
     }
 
@@ -321,6 +345,7 @@ impl<B: Backend> Inner<B> {
             return Ok(());
         }
         let mut next = self.persisted();
+        next.commits += 1;
         for r in removed {
             next.messages = next
                 .messages
@@ -393,6 +418,7 @@ impl<B: Backend> Inner<B> {
         self.bytes = next.bytes;
         self.last_seq = next.last_seq;
         self.last_ts = next.last_ts;
+        self.commits = next.commits;
         stale.sort_unstable();
         stale.dedup();
         for subject in stale {

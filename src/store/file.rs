@@ -12,18 +12,22 @@
 //!   message's size (u64): a subject's messages are one key range, and
 //!   purges and counts never read message bodies;
 //! - `rN`: records: `state` (last sequence and timestamp, message and byte
-//!   counts, rewritten in every batch), `meta` (the stream config, opaque),
-//!   `c/<consumer>` (each consumer's config and state, opaque).
+//!   counts, batch count; rewritten in every batch), `summary` (the
+//!   per-subject summary saved on clean close), `meta` (the stream config,
+//!   opaque), `c/<consumer>` (each consumer's config and state, opaque).
 //!
 //! The catalog's `gen` key numbers every batch of the database, and the
 //! file `skiff.synced` beside fjall's files holds the last number known
 //! durable (see [`SyncGroup`]).
 //!
-//! Recovery reads `state`, the first and last message keys, and the subject
-//! index (keys only) to rebuild the per-subject summary; it never reads all
-//! message bodies. Every change is one fjall batch, atomic across the
-//! three keyspaces, so the pieces always agree; if they do not, opening
-//! fails with [`StoreError::Corrupt`].
+//! Recovery reads `state` and the first and last message keys; the
+//! per-subject summary comes from `summary` when it was saved at the
+//! current batch count (a clean close), otherwise from a scan of the
+//! subject index (after a crash). It never reads all message bodies. Every
+//! change is one fjall batch, atomic across the three keyspaces, so the
+//! pieces always agree; if they do not, opening fails with
+//! [`StoreError::Corrupt`]. Dropping the last handle of a stream saves its
+//! summary and syncs, so it blocks briefly.
 //!
 //! Durability. A batch reaches the OS when committed; [`SyncGroup`] turns
 //! concurrent `sync` calls into shared fsyncs of the journal (one journal
@@ -59,7 +63,9 @@ const CONSUMER_PREFIX: &[u8] = b"c/";
 const MESSAGE_VERSION: u8 = 1;
 const MESSAGE_HEADER: usize = 1 + 8 + 4 + 2;
 const STATE_VERSION: u8 = 1;
-const STATE_LEN: usize = 1 + 8 * 4;
+const STATE_LEN: usize = 1 + 8 * 5;
+const SUMMARY_KEY: &[u8] = b"summary";
+const SUMMARY_VERSION: u8 = 1;
 
 /// Turns an fjall error into a [`StoreError`]: I/O failures stay I/O,
 /// anything about the content of files (checksums, truncation, bad tags) is
@@ -181,6 +187,7 @@ fn encode_state(s: &PersistedState) -> [u8; STATE_LEN] {
     v[9..17].copy_from_slice(&s.last_ts.to_be_bytes());
     v[17..25].copy_from_slice(&s.messages.to_be_bytes());
     v[25..33].copy_from_slice(&s.bytes.to_be_bytes());
+    v[33..41].copy_from_slice(&s.commits.to_be_bytes());
     v
 }
 
@@ -194,7 +201,52 @@ fn decode_state(v: &[u8]) -> Result<PersistedState> {
         last_ts: be_u64(v, 9).ok_or_else(bad)? as i64,
         messages: be_u64(v, 17).ok_or_else(bad)?,
         bytes: be_u64(v, 25).ok_or_else(bad)?,
+        commits: be_u64(v, 33).ok_or_else(bad)?,
     })
+}
+
+/// The subject summary saved on clean close:
+/// `[version][commits][count]` then per subject
+/// `[len u16][subject][msgs][first][last]`.
+fn encode_summary(commits: u64, subjects: &[(Bytes, SubjectState)]) -> Vec<u8> {
+    let size: usize = subjects.iter().map(|(k, _)| 2 + k.len() + 24).sum();
+    let mut v = Vec::with_capacity(17 + size);
+    v.push(SUMMARY_VERSION);
+    v.extend_from_slice(&commits.to_be_bytes());
+    v.extend_from_slice(&(subjects.len() as u64).to_be_bytes());
+    for (subject, s) in subjects {
+        // Subjects are at most u16::MAX bytes (checked on append).
+        v.extend_from_slice(&(subject.len() as u16).to_be_bytes());
+        v.extend_from_slice(subject);
+        for n in [s.msgs, s.first, s.last] {
+            v.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+    v
+}
+
+/// The summary if it is well formed and was saved at `commits`; `None`
+/// otherwise (the caller then rebuilds from the index).
+fn decode_summary(v: &[u8], commits: u64) -> Option<Vec<(Bytes, SubjectState)>> {
+    if v.first() != Some(&SUMMARY_VERSION) || be_u64(v, 1)? != commits {
+        return None;
+    }
+    let count = be_u64(v, 9)?;
+    let mut at = 17;
+    let mut out = Vec::with_capacity(count.min(1 << 20) as usize);
+    for _ in 0..count {
+        let len = u16::from_be_bytes(v.get(at..at + 2)?.try_into().ok()?) as usize;
+        let subject = v.get(at + 2..at + 2 + len)?;
+        at += 2 + len;
+        let state = SubjectState {
+            msgs: be_u64(v, at)?,
+            first: be_u64(v, at + 8)?,
+            last: be_u64(v, at + 16)?,
+        };
+        at += 24;
+        out.push((Bytes::copy_from_slice(subject), state));
+    }
+    (at == v.len()).then_some(out)
 }
 
 /// Every write of the database goes through here: batches are numbered
@@ -369,6 +421,24 @@ fn keyspace_names(id: u64) -> [String; 3] {
     [format!("m{id}"), format!("i{id}"), format!("r{id}")]
 }
 
+/// Options a keyspace is created with (fjall keeps them with it). Memtables
+/// are sized by role: message bodies are the bulk; the record and catalog
+/// keyspaces hold a few keys rewritten by every batch, whose versions pile
+/// up in the memtable until it is flushed, so theirs are small.
+fn keyspace_options(name: &str) -> KeyspaceCreateOptions {
+    const MIB: u64 = 1024 * 1024;
+    let memtable = match name.as_bytes().first() {
+        Some(b'm') => 32 * MIB,
+        Some(b'i') => 16 * MIB,
+        _ => 4 * MIB,
+    };
+    KeyspaceCreateOptions::default().max_memtable_size(memtable)
+}
+
+/// Most journal kept before memtables are flushed: bounds both the memory
+/// of unflushed writes and the replay on open.
+const MAX_JOURNAL: u64 = 128 * 1024 * 1024;
+
 /// The id of a keyspace named by [`keyspace_names`].
 fn keyspace_id(name: &str) -> Option<u64> {
     let rest = name.strip_prefix(['m', 'i', 'r'])?;
@@ -385,7 +455,7 @@ fn stream_key(name: &str) -> Vec<u8> {
 impl Shared {
     fn keyspace(&self, name: &str) -> Result<Keyspace> {
         self.db
-            .keyspace(name, KeyspaceCreateOptions::default)
+            .keyspace(name, || keyspace_options(name))
             .map_err(fjall_error(format!("open keyspace {name}")))
     }
 
@@ -507,18 +577,25 @@ impl FileStorage {
             source,
         })?;
         let context = format!("open store in {}", dir.display());
-        let db = Database::builder(&dir).open().map_err(|e| {
-            // The directory exists (created above): a missing file is one
-            // the database's own metadata refers to.
-            match fjall_error(context.clone())(e) {
-                StoreError::Io { context, source } if source.kind() == io::ErrorKind::NotFound => {
-                    StoreError::corrupt(format!("{context}: a database file is missing: {source}"))
+        let db = Database::builder(&dir)
+            .max_journaling_size(MAX_JOURNAL)
+            .open()
+            .map_err(|e| {
+                // The directory exists (created above): a missing file is one
+                // the database's own metadata refers to.
+                match fjall_error(context.clone())(e) {
+                    StoreError::Io { context, source }
+                        if source.kind() == io::ErrorKind::NotFound =>
+                    {
+                        StoreError::corrupt(format!(
+                            "{context}: a database file is missing: {source}"
+                        ))
+                    }
+                    other => other,
                 }
-                other => other,
-            }
-        })?;
+            })?;
         let catalog = db
-            .keyspace(CATALOG, KeyspaceCreateOptions::default)
+            .keyspace(CATALOG, || keyspace_options(CATALOG))
             .map_err(fjall_error(context))?;
         let sync = Arc::new(SyncGroup::open(db.clone(), catalog.clone(), &dir)?);
         let shared = Arc::new(Shared {
@@ -675,12 +752,32 @@ impl FileBackend {
                 ))));
             }
         }
-        let subjects = self.scan_index(&state)?;
+        let subjects = match self.load_summary(&state)? {
+            Some(subjects) => subjects,
+            None => self.scan_index(&state)?,
+        };
         Ok(Recovered {
             state,
             first,
             subjects,
         })
+    }
+
+    /// The summary saved at the last clean close, if no batch came after
+    /// it and its totals agree with the state record.
+    fn load_summary(&self, state: &PersistedState) -> Result<Option<Vec<(Bytes, SubjectState)>>> {
+        let Some(v) = self
+            .records
+            .get(SUMMARY_KEY)
+            .map_err(fjall_error(self.context("read summary")))?
+        else {
+            return Ok(None);
+        };
+        let Some(subjects) = decode_summary(&v, state.commits) else {
+            return Ok(None);
+        };
+        let messages: u64 = subjects.iter().map(|(_, s)| s.msgs).sum();
+        Ok((messages == state.messages).then_some(subjects))
     }
 
     /// Rebuilds the per-subject summary from the index and checks its totals
@@ -873,5 +970,18 @@ impl Backend for FileBackend {
     fn remove(&mut self) -> Result<()> {
         self.shared.open.lock().remove(&self.name);
         self.shared.drop_stream(&self.name, self.id)
+    }
+
+    /// Saves the subject summary (durably), so that a clean restart skips
+    /// the index scan; after a crash the stream's commit count will have
+    /// moved on and the summary is ignored.
+    fn close(&mut self, state: &PersistedState, subjects: &[(Bytes, SubjectState)]) {
+        let summary = encode_summary(state.commits, subjects);
+        let result = self
+            .write_record(SUMMARY_KEY.to_vec(), Some(&summary))
+            .and_then(|()| self.shared.sync.sync());
+        if let Err(e) = result {
+            tracing::warn!(stream = %self.name, error = %e, "could not save the subject summary");
+        }
     }
 }
