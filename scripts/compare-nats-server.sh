@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Compares Skiff with nats-server on this machine: the same `skiff bench`
-# scenarios against both, in the same run, and a markdown table of
+# scenarios against both, in the same run, and markdown tables of
 # Skiff / nats-server ratios on stdout (progress on stderr).
 #
 #   scripts/compare-nats-server.sh            # RUNS=3 by default
 #   RUNS=5 MSGS=2000000 scripts/compare-nats-server.sh
+#   SECTIONS=js scripts/compare-nats-server.sh   # durable streams only
+#
+# Two sections: `core` (plain NATS messaging) and `js` (durable streams:
+# jspub and jsconsume). nats-server always runs with JetStream on (`-js`, a
+# fresh store directory), as Skiff does. The js section measures Skiff
+# twice, as two servers started side by side: with its default
+# `sync = "always"` (fsync before every PubAck, concurrent publishes sharing
+# one fsync) and with `sync = "2m"` (fsync in the background, like
+# nats-server's default, which does not fsync per message).
 #
 # Each pass starts both servers afresh on free loopback ports, measures the
 # idle-connection memory first (so the numbers are not those of a server
@@ -22,6 +31,9 @@ BIG_MSGS=${BIG_MSGS:-300000}  # pubsub 1 KiB
 REQS=${REQS:-20000}           # reqrep
 CONNS=${CONNS:-10000}         # idle connections
 TIMEOUT=${TIMEOUT:-120s}      # bound on each bench run
+JS_MSGS=${JS_MSGS:-200000}    # jspub 16 B, and jsconsume of those messages
+JS_BIG_MSGS=${JS_BIG_MSGS:-100000}  # jspub 1 KiB
+SECTIONS=${SECTIONS:-core js}
 
 log() { echo "$*" >&2; }
 
@@ -45,16 +57,16 @@ SKIFF=${CARGO_TARGET_DIR:-target}/release/skiff
 ulimit -n $((CONNS + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 WORK=$(mktemp -d)
-SKIFF_PID=""
-NATS_PID=""
+# The servers of the current pass by name (skiff, skiff2m, nats).
+declare -A URL PID
 
 stop_servers() {
-    for pid in $SKIFF_PID $NATS_PID; do
+    for pid in "${PID[@]}"; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
-    SKIFF_PID=""
-    NATS_PID=""
+    URL=()
+    PID=()
 }
 
 cleanup() {
@@ -81,21 +93,37 @@ wait_for_port() {
     exit 1
 }
 
+# Skiff with stream writes fsynced every 2 minutes instead of before each
+# PubAck; everything else at its defaults.
+printf '[jetstream]\nsync = "2m"\n' >"$WORK/skiff-2m.toml"
+
+# start_servers NAME...: fresh servers (skiff, skiff2m, nats) on free ports,
+# each with a fresh stream store (never the working directory's).
 start_servers() {
     stop_servers
-    local skiff_port nats_port
-    skiff_port=$(free_port)
-    nats_port=$(free_port)
-    # A fresh stream store each time, never the working directory's.
-    "$SKIFF" serve --listen "127.0.0.1:$skiff_port" --store "$(mktemp -d -p "$WORK")" \
-        >>"$WORK/skiff.log" 2>&1 &
-    SKIFF_PID=$!
-    "$NATS_SERVER" -a 127.0.0.1 -p "$nats_port" >>"$WORK/nats.log" 2>&1 &
-    NATS_PID=$!
-    wait_for_port "$skiff_port" "$WORK/skiff.log"
-    wait_for_port "$nats_port" "$WORK/nats.log"
-    SKIFF_URL="nats://127.0.0.1:$skiff_port"
-    NATS_URL="nats://127.0.0.1:$nats_port"
+    local name port store
+    for name in "$@"; do
+        port=$(free_port)
+        store=$(mktemp -d -p "$WORK")
+        case $name in
+        skiff)
+            "$SKIFF" serve --listen "127.0.0.1:$port" --store "$store" \
+                >>"$WORK/$name.log" 2>&1 &
+            ;;
+        skiff2m)
+            "$SKIFF" serve -c "$WORK/skiff-2m.toml" --listen "127.0.0.1:$port" --store "$store" \
+                >>"$WORK/$name.log" 2>&1 &
+            ;;
+        nats)
+            "$NATS_SERVER" -js -sd "$store" -a 127.0.0.1 -p "$port" >>"$WORK/$name.log" 2>&1 &
+            ;;
+        esac
+        PID[$name]=$!
+        URL[$name]="nats://127.0.0.1:$port"
+    done
+    for name in "$@"; do
+        wait_for_port "${URL[$name]##*:}" "$WORK/$name.log"
+    done
 }
 
 # Clock ticks of CPU a process has used (user + system).
@@ -103,17 +131,12 @@ cpu_ticks() {
     awk '{ print $14 + $15 }' "/proc/$1/stat"
 }
 
-# bench KEY SERVER ARGS...: one `skiff bench` run against SERVER (skiff or
-# nats); appends "KEY SERVER CPU_TICKS JSON" to the results.
+# bench KEY SERVER ARGS...: one `skiff bench` run against SERVER (skiff,
+# skiff2m or nats); appends "KEY SERVER CPU_TICKS JSON" to the results.
 bench() {
     local key=$1 server=$2
     shift 2
-    local url pid
-    if [[ $server == skiff ]]; then
-        url=$SKIFF_URL pid=$SKIFF_PID
-    else
-        url=$NATS_URL pid=$NATS_PID
-    fi
+    local url=${URL[$server]} pid=${PID[$server]}
     local before json
     before=$(cpu_ticks "$pid")
     # A run that lost messages exits non-zero but still prints its summary.
@@ -140,18 +163,41 @@ both() {
     fi
 }
 
+# all3 KEY ARGS...: the scenario against skiff, skiff2m and nats, rotating
+# which goes first from one pass to the next.
+all3() {
+    local key=$1 i
+    shift
+    log "  $key"
+    local order=(skiff skiff2m nats)
+    for i in 0 1 2; do
+        bench "$key" "${order[$(((i + PASS) % 3))]}" "$@"
+    done
+}
+
+touch "$WORK/results"
 for PASS in $(seq "$RUNS"); do
     log "pass $PASS of $RUNS"
-    start_servers
-    both conns conns --conns "$CONNS"
-    # Fresh servers again: the 10,000 closed connections are not under test.
-    start_servers
-    both pub16 pub --msgs "$MSGS" --size 16
-    both pubsub16 pubsub --msgs "$MSGS" --size 16
-    both pubsub1k pubsub --msgs "$BIG_MSGS" --size 1024
-    both fanout4 fanout --msgs "$MSGS" --size 16 --subs 4
-    both queue4 queue --msgs "$MSGS" --size 16 --subs 4
-    both reqrep reqrep --msgs "$REQS" --size 16
+    if [[ " $SECTIONS " == *" core "* ]]; then
+        start_servers skiff nats
+        both conns conns --conns "$CONNS"
+        # Fresh servers again: the 10,000 closed connections are not under test.
+        start_servers skiff nats
+        both pub16 pub --msgs "$MSGS" --size 16
+        both pubsub16 pubsub --msgs "$MSGS" --size 16
+        both pubsub1k pubsub --msgs "$BIG_MSGS" --size 1024
+        both fanout4 fanout --msgs "$MSGS" --size 16 --subs 4
+        both queue4 queue --msgs "$MSGS" --size 16 --subs 4
+        both reqrep reqrep --msgs "$REQS" --size 16
+    fi
+    if [[ " $SECTIONS " == *" js "* ]]; then
+        # Fresh servers, so that the RSS after the jspub runs is theirs.
+        start_servers skiff skiff2m nats
+        all3 jspub1k jspub --msgs "$JS_BIG_MSGS" --size 1024
+        # Leaves JS_MSGS messages of 16 B in the stream, for jsconsume.
+        all3 jspub16 jspub --msgs "$JS_MSGS" --size 16
+        all3 jsconsume jsconsume --msgs "$JS_MSGS" --size 16
+    fi
 done
 stop_servers
 
@@ -177,7 +223,12 @@ def get(report, field):
     return value
 
 def per_msg_ns(report):
-    return report["cpu_secs"] * 1e9 / report["published"] if report["published"] else None
+    # Messages published (acked, for jspub), or consumed (jsconsume).
+    count = report["published"] or report["received"]
+    return report["cpu_secs"] * 1e9 / count if count else None
+
+def mib(field):
+    return lambda report: (get(report, field) or 0) / 1048576 or None
 
 # (key, scenario, metric label, field or function, higher is better)
 ROWS = [
@@ -212,20 +263,49 @@ def fmt(value):
         return f"{value:,.0f}"
     return f"{value:,.1f}"
 
+def ratio(a, b):
+    return f"{a / b:.2f}" if a and b else "n/a"
+
+def notes(key, servers):
+    return "".join(f"; {who} lost, refused or duplicated {count} msgs"
+                   for who in servers if (count := lost(key, who)))
+
 def row(scenario, label, metric, key, higher):
     s, n = median(key, "skiff", metric), median(key, "nats", metric)
-    ratio = f"{s / n:.2f}" if s and n else "n/a"
     better = "higher is better" if higher else "lower is better"
-    notes = "".join(f"; {who} lost or duplicated {count} msgs"
-                    for who in ("skiff", "nats") if (count := lost(key, who)))
-    print(f"| {scenario} | {label} | {fmt(s)} | {fmt(n)} | {ratio} ({better}{notes}) |")
+    print(f"| {scenario} | {label} | {fmt(s)} | {fmt(n)} | {ratio(s, n)} "
+          f"({better}{notes(key, ('skiff', 'nats'))}) |")
 
 print(f"Skiff ({skiff_version}) vs {nats_version}: median of {runs} runs\n")
-print("| Scenario | Metric | Skiff | nats-server | Skiff / nats-server |")
-print("|---|---|---|---|---|")
-for key, scenario, label, metric, higher in ROWS:
-    row(scenario, label, metric, key, higher)
-for key in CPU_ROWS:
-    scenario = next(r[1] for r in ROWS if r[0] == key)
-    row(scenario, "server CPU ns per published msg", per_msg_ns, key, False)
+if any(server == "nats" and key in CPU_ROWS + ["conns"] for key, server in results):
+    print("| Scenario | Metric | Skiff | nats-server | Skiff / nats-server |")
+    print("|---|---|---|---|---|")
+    for key, scenario, label, metric, higher in ROWS:
+        row(scenario, label, metric, key, higher)
+    for key in CPU_ROWS:
+        scenario = next(r[1] for r in ROWS if r[0] == key)
+        row(scenario, "server CPU ns per published msg", per_msg_ns, key, False)
+    print()
+
+# Durable streams: Skiff with sync = "always" and with sync = "2m", both
+# against nats-server at its defaults.
+JS_ROWS = [
+    ("jspub16", "jspub, 16 B", "acked msgs/s", "pub_msgs_per_sec", True),
+    ("jspub1k", "jspub, 1 KiB", "acked msgs/s", "pub_msgs_per_sec", True),
+    ("jsconsume", "jsconsume, 16 B", "consumed and acked msgs/s", "sub_msgs_per_sec", True),
+    ("jspub16", "jspub, 16 B", "PubAck p50 latency µs", "latency_us.p50", False),
+    ("jspub16", "after both jspub runs", "server RSS MiB", mib("js.server_rss"), False),
+    ("jspub16", "jspub, 16 B", "server CPU ns per acked msg", per_msg_ns, False),
+    ("jspub1k", "jspub, 1 KiB", "server CPU ns per acked msg", per_msg_ns, False),
+    ("jsconsume", "jsconsume, 16 B", "server CPU ns per consumed msg", per_msg_ns, False),
+]
+if any(key.startswith("js") for key, _ in results):
+    print("| Scenario | Metric | Skiff, sync always | Skiff, sync 2m | nats-server "
+          "| always / nats | 2m / nats |")
+    print("|---|---|---|---|---|---|---|")
+    for key, scenario, label, metric, higher in JS_ROWS:
+        a, i, n = (median(key, who, metric) for who in ("skiff", "skiff2m", "nats"))
+        better = "higher is better" if higher else "lower is better"
+        print(f"| {scenario} | {label} | {fmt(a)} | {fmt(i)} | {fmt(n)} | {ratio(a, n)} "
+              f"| {ratio(i, n)} ({better}{notes(key, ('skiff', 'skiff2m', 'nats'))}) |")
 PY

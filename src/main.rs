@@ -106,7 +106,8 @@ struct BenchArgs {
     connect: ConnectArgs,
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Messages in total [default: 1,000,000; reqrep: 20,000].
+    /// Messages in total [default: 1,000,000; reqrep: 20,000; jspub and
+    /// jsconsume: 200,000].
     #[arg(long)]
     msgs: Option<u64>,
     /// Payload size, e.g. 16 or 1KiB [default: 16].
@@ -121,15 +122,27 @@ struct BenchArgs {
     /// Idle connections for the conns scenario [default: 10,000].
     #[arg(long)]
     conns: Option<usize>,
-    /// Subject to publish on [default: bench].
+    /// Subject to publish on [default: bench; jspub and jsconsume: bench.js].
     #[arg(long)]
     subject: Option<String>,
     /// Bound on the whole run, e.g. 30s [default: 60s].
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
-    /// conns: the server's process id, to measure its memory per connection.
+    /// conns: the server's process id, to measure its memory per connection
+    /// (jspub and jsconsume report its memory at the end).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// jspub and jsconsume: the stream, on the bench subject; jspub deletes
+    /// and recreates it, jsconsume reuses it if it holds --msgs messages
+    /// [default: BENCH].
+    #[arg(long)]
+    stream: Option<String>,
+    /// jspub: most PubAcks outstanding at once [default: 256].
+    #[arg(long)]
+    window: Option<usize>,
+    /// jsconsume: messages per pull request [default: 500].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Print the summary as CSV (a header and one row).
     #[arg(long, conflicts_with = "json")]
     csv: bool,
@@ -153,6 +166,9 @@ impl BenchArgs {
         o.subject = self.subject.clone().unwrap_or(o.subject);
         o.timeout = self.timeout.unwrap_or(o.timeout);
         o.server_pid = self.server_pid;
+        o.stream = self.stream.clone().unwrap_or(o.stream);
+        o.window = self.window.unwrap_or(o.window);
+        o.batch = self.batch.unwrap_or(o.batch);
         o.progress = !self.no_progress;
         o
     }

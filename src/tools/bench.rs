@@ -5,8 +5,9 @@
 //! Scenarios ([`Scenario`]): `pub` (publishers only), `pubsub` (publishers
 //! and subscribers on one subject), `fanout` (one publisher, many
 //! subscribers), `queue` (one queue group shares the messages), `reqrep`
-//! (requests one at a time, with latency percentiles) and `conns` (many idle
-//! connections, for the server's memory per connection).
+//! (requests one at a time, with latency percentiles), `conns` (many idle
+//! connections, for the server's memory per connection), and the durable
+//! stream scenarios `jspub` and `jsconsume` ([`js`]).
 //!
 //! The client is built not to be the bottleneck: publishers write 64 KiB of
 //! PUB frames per syscall ([`Connection::publish`]), subscribers only parse
@@ -40,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 use super::conn::{self, Connection};
 use crate::protocol::Message;
 
+mod js;
+
 /// The queue group of the `queue` and `reqrep` scenarios.
 const QUEUE_GROUP: &[u8] = b"skiff-bench";
 /// Publishers look at the clock and report progress once per this many
@@ -69,6 +72,12 @@ pub enum Scenario {
     Reqrep,
     /// N idle connections with one subscription each.
     Conns,
+    /// Publishes to a durable stream, with a window of outstanding PubAcks.
+    #[value(name = "jspub")]
+    JsPub,
+    /// Pulls and acks a stream's messages through a durable consumer.
+    #[value(name = "jsconsume")]
+    JsConsume,
 }
 
 impl Scenario {
@@ -80,6 +89,8 @@ impl Scenario {
             Scenario::Queue => "queue",
             Scenario::Reqrep => "reqrep",
             Scenario::Conns => "conns",
+            Scenario::JsPub => "jspub",
+            Scenario::JsConsume => "jsconsume",
         }
     }
 }
@@ -104,34 +115,48 @@ pub struct BenchOptions {
     pub timeout: Duration,
     /// Show a progress bar (only ever on a terminal).
     pub progress: bool,
-    /// For `conns`: the server's process, whose memory is measured.
+    /// For `conns`: the server's process, whose memory is measured (the
+    /// stream scenarios report its memory at the end).
     pub server_pid: Option<u32>,
+    /// The stream of `jspub` and `jsconsume`.
+    pub stream: String,
+    /// `jspub`: most PubAcks outstanding at once.
+    pub window: usize,
+    /// `jsconsume`: messages asked for per pull request.
+    pub batch: usize,
 }
 
 impl BenchOptions {
     pub fn new(url: &str, scenario: Scenario) -> BenchOptions {
         let (pubs, subs) = match scenario {
-            Scenario::Pub => (1, 0),
-            Scenario::Pubsub | Scenario::Reqrep => (1, 1),
+            Scenario::Pub | Scenario::JsPub => (1, 0),
+            Scenario::Pubsub | Scenario::Reqrep | Scenario::JsConsume => (1, 1),
             Scenario::Fanout | Scenario::Queue => (1, 4),
             Scenario::Conns => (0, 0),
         };
+        let js = matches!(scenario, Scenario::JsPub | Scenario::JsConsume);
         BenchOptions {
             url: url.to_string(),
             scenario,
-            msgs: if scenario == Scenario::Reqrep {
-                20_000
-            } else {
-                1_000_000
+            msgs: match scenario {
+                Scenario::Reqrep => 20_000,
+                // Stored messages cost disk space and, with fsync, time.
+                Scenario::JsPub | Scenario::JsConsume => 200_000,
+                _ => 1_000_000,
             },
             size: 16,
             pubs,
             subs,
             conns: 10_000,
-            subject: "bench".to_string(),
+            // A subject of their own keeps the stream from storing what the
+            // core scenarios publish on the same server.
+            subject: if js { "bench.js" } else { "bench" }.to_string(),
             timeout: Duration::from_secs(60),
             progress: true,
             server_pid: None,
+            stream: "BENCH".to_string(),
+            window: 256,
+            batch: 500,
         }
     }
 
@@ -140,6 +165,22 @@ impl BenchOptions {
         match self.scenario {
             Scenario::Conns if self.conns == 0 => bad("--conns must be at least 1"),
             Scenario::Conns => Ok(()),
+            Scenario::JsPub | Scenario::JsConsume => {
+                let valid_name = !self.stream.is_empty()
+                    && !self
+                        .stream
+                        .contains(|c: char| c.is_whitespace() || ".*>".contains(c));
+                let one = BenchOptions::new("", self.scenario);
+                if self.msgs == 0 || self.window == 0 || self.batch == 0 {
+                    bad("--msgs, --window and --batch must be at least 1")
+                } else if (self.pubs, self.subs) != (one.pubs, one.subs) {
+                    bad("jspub and jsconsume use one connection: --pubs and --subs do not apply")
+                } else if !valid_name {
+                    bad("--stream must be a name without spaces, `.`, `*` or `>`")
+                } else {
+                    Ok(())
+                }
+            }
             _ if self.msgs == 0 || self.pubs == 0 => bad("--msgs and --pubs must be at least 1"),
             Scenario::Pub if self.subs > 0 => bad("pub has no subscribers: use pubsub"),
             Scenario::Pub => Ok(()),
@@ -166,6 +207,9 @@ pub enum BenchError {
     FdLimit { wanted: u64, max: u64 },
     #[error("cannot read the memory use of process {pid}: {source}")]
     Rss { pid: u32, source: std::io::Error },
+    /// A JetStream API call failed; `message` is the server's description.
+    #[error("{subject}: {message}")]
+    Api { subject: String, message: String },
     #[error("{lost} messages lost and {duplicates} duplicated")]
     Incomplete { lost: u64, duplicates: u64 },
 }
@@ -189,6 +233,23 @@ pub struct ConnsReport {
     pub rss_after: Option<u64>,
     /// Server memory growth divided by the number of connections.
     pub bytes_per_conn: Option<f64>,
+}
+
+/// The stream scenarios' findings.
+#[derive(Clone, Debug, Serialize)]
+pub struct JsReport {
+    pub stream: String,
+    /// Messages published with a reply inbox (by `jspub`, or by `jsconsume`
+    /// to fill the stream).
+    pub sent: u64,
+    /// PubAcks that confirmed storage.
+    pub acked: u64,
+    /// Replies that refused the message (an `error` PubAck, no stream).
+    pub failed: u64,
+    /// `jsconsume`: the stream already held enough messages.
+    pub reused: bool,
+    /// The server's resident memory at the end, with `--server-pid`.
+    pub server_rss: Option<u64>,
 }
 
 /// The outcome of a run: a table by `Display`, one JSON object by
@@ -218,6 +279,8 @@ pub struct Report {
     pub latency_us: Option<Latency>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conns: Option<ConnsReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub js: Option<JsReport>,
     /// What went wrong on individual connections.
     pub errors: Vec<String>,
 }
@@ -229,6 +292,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     match options.scenario {
         Scenario::Conns => run_conns(options, deadline).await,
         Scenario::Reqrep => run_reqrep(options, deadline).await,
+        Scenario::JsPub => js::run_jspub(options, deadline).await,
+        Scenario::JsConsume => js::run_jsconsume(options, deadline).await,
         _ => run_flow(options, deadline).await,
     }
 }
@@ -273,6 +338,7 @@ impl Report {
             duplicates: 0,
             latency_us: None,
             conns: None,
+            js: None,
             errors: Vec::new(),
         }
     }
@@ -368,6 +434,8 @@ impl fmt::Display for Report {
                     grouped(per.round() as u64)
                 )?;
             }
+        } else if let Some(js) = &self.js {
+            self.fmt_js(f, js)?;
         } else {
             writeln!(
                 f,
@@ -421,6 +489,71 @@ impl fmt::Display for Report {
         }
         for e in &self.errors {
             writeln!(f, "error: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// The table of `jspub` and `jsconsume`: acked publishes (the fill, for
+    /// `jsconsume`, unless the stream was reused) and consumed messages.
+    fn fmt_js(&self, f: &mut fmt::Formatter<'_>, js: &JsReport) -> fmt::Result {
+        writeln!(
+            f,
+            "{} msgs of {} B, stream {}{}\n",
+            grouped(self.msgs),
+            self.size,
+            js.stream,
+            if js.reused { " (reused)" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "{:<12} {:>12} {:>10} {:>10}",
+            "", "msgs/s", "MB/s", "secs"
+        )?;
+        let mut row = |name: &str, rate: f64, mb: f64, secs: f64| {
+            writeln!(
+                f,
+                "{name:<12} {:>12} {mb:>10.2} {secs:>10.3}",
+                grouped(rate.round() as u64)
+            )
+        };
+        if js.sent > 0 {
+            row(
+                "acked pubs",
+                self.pub_msgs_per_sec,
+                self.pub_mb_per_sec,
+                self.pub_secs,
+            )?;
+        }
+        if self.scenario == Scenario::JsConsume {
+            row(
+                "consumed",
+                self.sub_msgs_per_sec,
+                self.sub_mb_per_sec,
+                self.sub_secs,
+            )?;
+        }
+        writeln!(f)?;
+        if js.sent > 0 {
+            writeln!(
+                f,
+                "published {}: {} acked, {} refused",
+                grouped(js.sent),
+                grouped(js.acked),
+                grouped(js.failed)
+            )?;
+        }
+        if self.scenario == Scenario::JsConsume {
+            writeln!(
+                f,
+                "consumed and acked {} of {}",
+                grouped(self.received),
+                grouped(self.expected)
+            )?;
+        }
+        if let Some(rss) = js.server_rss {
+            writeln!(f, "server RSS {:.1} MiB", rss as f64 / 1048576.0)?;
         }
         Ok(())
     }
@@ -1086,6 +1219,72 @@ mod tests {
         server.shutdown().await;
     }
 
+    #[tokio::test]
+    async fn stream_scenarios_publish_and_consume_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::core("127.0.0.1:0");
+        config.jetstream.enabled = true;
+        config.jetstream.store_dir = dir.path().into();
+        let server = Server::start(config).await.expect("server starts");
+        let url = server.client_url();
+        let jspub = BenchOptions {
+            msgs: 300,
+            window: 16,
+            ..small(&url, Scenario::JsPub)
+        };
+        // Twice: the second run starts again from an empty stream.
+        for _ in 0..2 {
+            let report = run(&jspub).await.unwrap();
+            let js = report.js.as_ref().unwrap();
+            assert_eq!((js.sent, js.acked, js.failed), (300, 300, 0), "{report}");
+            assert_eq!(report.published, 300, "{report}");
+            assert!(report.errors.is_empty(), "{report}");
+            assert!(report.latency_us.is_some(), "{report}");
+            report.check().unwrap();
+        }
+
+        // The stream holds 300: consuming 200 reuses it, in batches that
+        // do not divide the count, twice from the start with a new consumer.
+        let consume = BenchOptions {
+            msgs: 200,
+            batch: 30,
+            ..small(&url, Scenario::JsConsume)
+        };
+        for _ in 0..2 {
+            let report = run(&consume).await.unwrap();
+            assert!(report.js.as_ref().unwrap().reused, "{report}");
+            assert_eq!(report.received, 200, "{report}");
+            assert!(report.errors.is_empty(), "{report}");
+            report.check().unwrap();
+        }
+        // Too few messages (or none, in another stream): filled first.
+        for (stream, subject) in [("BENCH", "bench.js"), ("OTHER", "other")] {
+            let options = BenchOptions {
+                msgs: 500,
+                stream: stream.into(),
+                subject: subject.into(),
+                ..consume.clone()
+            };
+            let report = run(&options).await.unwrap();
+            let js = report.js.as_ref().unwrap();
+            assert!(!js.reused, "{report}");
+            assert_eq!((js.acked, report.received), (500, 500), "{report}");
+            assert!(report.errors.is_empty(), "{report}");
+            assert!(report.to_string().contains("consumed and acked 500 of 500"));
+        }
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn stream_scenarios_need_jetstream() {
+        let server = server().await;
+        let err = run(&small(&server.client_url(), Scenario::JsPub))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("JetStream enabled"), "{err}");
+        server.shutdown().await;
+    }
+
     #[test]
     fn reports_render_as_table_json_and_csv() {
         let options = BenchOptions::new("nats://x:1", Scenario::Reqrep);
@@ -1140,5 +1339,20 @@ mod tests {
             ..BenchOptions::new("x", Scenario::Fanout)
         };
         assert!(fanout.validate().is_err());
+        for bad in ["", "A.B", "A B", "*"] {
+            let options = BenchOptions {
+                stream: bad.into(),
+                ..BenchOptions::new("x", Scenario::JsPub)
+            };
+            assert!(options.validate().is_err(), "{bad}");
+        }
+        let two = BenchOptions {
+            pubs: 2,
+            ..BenchOptions::new("x", Scenario::JsConsume)
+        };
+        assert!(two.validate().is_err());
+        assert!(BenchOptions::new("x", Scenario::JsConsume)
+            .validate()
+            .is_ok());
     }
 }

@@ -86,10 +86,26 @@ enum Event {
 }
 
 /// The reply subjects of [`Connection::request`]: one wildcard subscription
-/// to `_INBOX.<random>.*`, a fresh last token per request.
+/// to `_INBOX.<random>.*`, made on first use, a fresh last token per request.
 struct Inbox {
     prefix: String,
     next: u64,
+    subscribed: bool,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        let token: String = rand::thread_rng()
+            .sample_iter(&Alphanumeric)
+            .take(22)
+            .map(char::from)
+            .collect();
+        Inbox {
+            prefix: format!("_INBOX.{token}."),
+            next: 0,
+            subscribed: false,
+        }
+    }
 }
 
 /// One client connection. See the module docs for the buffering rules.
@@ -104,7 +120,7 @@ pub struct Connection {
     pings_out: usize,
     /// Messages read while waiting for something else.
     backlog: VecDeque<Message>,
-    inbox: Option<Inbox>,
+    inbox: Inbox,
 }
 
 impl Connection {
@@ -130,7 +146,7 @@ impl Connection {
             next_sid: 0,
             pings_out: 0,
             backlog: VecDeque::new(),
-            inbox: None,
+            inbox: Inbox::new(),
         };
         conn.info = match conn.next_op().await? {
             ServerOp::Info(json) => serde_json::from_slice(&json).map_err(Error::Info)?,
@@ -284,27 +300,32 @@ impl Connection {
     /// A new reply subject under this connection's inbox, subscribing to the
     /// inbox on first use.
     fn new_reply_subject(&mut self) -> String {
-        let inbox = match &mut self.inbox {
-            Some(inbox) => inbox,
-            None => {
-                let token: String = rand::thread_rng()
-                    .sample_iter(&Alphanumeric)
-                    .take(22)
-                    .map(char::from)
-                    .collect();
-                let prefix = format!("_INBOX.{token}.");
-                self.subscribe(format!("{prefix}*").as_bytes(), None);
-                self.inbox.insert(Inbox { prefix, next: 0 })
-            }
-        };
+        let inbox = self.inbox();
         inbox.next += 1;
         format!("{}{}", inbox.prefix, inbox.next)
     }
 
+    /// This connection's inbox prefix, `_INBOX.<random>.`, subscribing to
+    /// `_INBOX.<random>.*` on first use (the subscription reaches the server
+    /// with the next write). A caller that pipelines many requests appends
+    /// last tokens of its own, so that one subscription serves them all;
+    /// [`Connection::request`] numbers its reply subjects from 1, so such
+    /// tokens should not be plain numbers (start them with a letter).
+    pub fn inbox_prefix(&mut self) -> &str {
+        &self.inbox().prefix
+    }
+
+    fn inbox(&mut self) -> &mut Inbox {
+        if !self.inbox.subscribed {
+            let wildcard = format!("{}*", self.inbox.prefix);
+            self.subscribe(wildcard.as_bytes(), None);
+            self.inbox.subscribed = true;
+        }
+        &mut self.inbox
+    }
+
     fn is_inbox_subject(&self, subject: &[u8]) -> bool {
-        self.inbox
-            .as_ref()
-            .is_some_and(|inbox| subject.starts_with(inbox.prefix.as_bytes()))
+        self.inbox.subscribed && subject.starts_with(self.inbox.prefix.as_bytes())
     }
 
     /// Encodes a PUB into the write buffer, refusing what the server would
