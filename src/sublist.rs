@@ -12,7 +12,8 @@
 //!   matches while holding the trie's write lock, and a result is cached
 //!   while still holding the read lock it was computed under.
 //! - Empty trie nodes are pruned on removal, so churn does not grow memory.
-//! - The cache is bounded ([`CACHE_MAX`] subjects).
+//! - The cache is bounded ([`CACHE_MAX`] subjects); when full, a quarter of
+//!   it is dropped.
 //!
 //! The sublist is generic over what a subscription is (`T`): it knows nothing
 //! of connections, streams or routes, only of patterns, queue names and
@@ -197,6 +198,18 @@ impl<T: Clone + PartialEq> Sublist<T> {
         removed
     }
 
+    /// Makes room by dropping a quarter of the cache, chosen by hash order
+    /// (so roughly at random). Clearing it all would make a stream of
+    /// one-off subjects (request inboxes, PubAck replies) evict the hot
+    /// subjects every few thousand messages.
+    fn evict(&self) {
+        let mut seen = 0usize;
+        self.cache.retain(|_, _| {
+            seen += 1;
+            seen % 4 != 0
+        });
+    }
+
     /// Drops the cached results a change to `pattern` affects: those of the
     /// subjects it matches. The others stay valid, so subscription churn on
     /// one subject (request inboxes) does not slow publishers on others.
@@ -220,7 +233,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
         collect(&root, &tokens, &mut found);
         let found = Arc::new(found);
         if self.cache.len() >= CACHE_MAX {
-            self.cache.clear();
+            self.evict();
         }
         self.cache
             .insert(Bytes::copy_from_slice(subject), Arc::clone(&found));
@@ -375,6 +388,18 @@ mod tests {
         let picks: Vec<u32> = (0..4).map(|_| *q.pick()).collect();
         assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 2);
         assert_eq!(picks.iter().filter(|&&p| p == 2).count(), 2);
+    }
+
+    #[test]
+    fn a_full_cache_drops_a_part_not_everything() {
+        let s = Sublist::new();
+        s.insert(b"_INBOX.>", None, 1).unwrap();
+        for i in 0..CACHE_MAX * 2 {
+            let m = s.matches(format!("_INBOX.{i}").as_bytes());
+            assert_eq!(names(&m), vec![1]);
+            assert!(s.cache.len() <= CACHE_MAX);
+        }
+        assert!(s.cache.len() > CACHE_MAX / 2, "{}", s.cache.len());
     }
 
     #[test]
