@@ -206,7 +206,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
         let mut seen = 0usize;
         self.cache.retain(|_, _| {
             seen += 1;
-            seen % 4 != 0
+            !seen.is_multiple_of(4)
         });
     }
 

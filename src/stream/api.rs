@@ -390,6 +390,10 @@ impl ApiError {
         ApiError::new(400, 10025, format!("invalid JSON: {e}"))
     }
 
+    pub fn stream_name_mismatch() -> ApiError {
+        ApiError::new(400, 10056, "stream name in subject does not match request")
+    }
+
     pub fn stream_in_use() -> ApiError {
         ApiError::new(
             400,

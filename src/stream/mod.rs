@@ -429,11 +429,7 @@ impl JetStream {
                 &kind("stream_create"),
                 parse::<StreamConfig>(payload).and_then(|c| {
                     if c.name != rest {
-                        return Err(ApiError::new(
-                            400,
-                            10056,
-                            "stream name in subject does not match request",
-                        ));
+                        return Err(ApiError::stream_name_mismatch());
                     }
                     self.create_stream(c)?.info(None)
                 }),
@@ -442,11 +438,7 @@ impl JetStream {
                 &kind("stream_update"),
                 parse::<StreamConfig>(payload).and_then(|c| {
                     if c.name != rest {
-                        return Err(ApiError::new(
-                            400,
-                            10056,
-                            "stream name in subject does not match request",
-                        ));
+                        return Err(ApiError::stream_name_mismatch());
                     }
                     let stream = self.stream(rest)?;
                     let candidate = stream::normalize(c)?;
@@ -598,7 +590,7 @@ impl JetStream {
                     parse::<CreateConsumerRequest>(payload).and_then(|mut r| {
                         let stream = stream?;
                         if !r.stream_name.is_empty() && r.stream_name != stream_name {
-                            return Err(ApiError::new(400, 10056, "stream name in subject does not match request"));
+                            return Err(ApiError::stream_name_mismatch());
                         }
                         if let Some(name) = name {
                             if durable && r.config.durable_name.is_none() {

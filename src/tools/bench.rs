@@ -445,18 +445,9 @@ impl fmt::Display for Report {
                 self.pubs,
                 self.subs
             )?;
-            writeln!(
-                f,
-                "{:<12} {:>12} {:>10} {:>10}",
-                "", "msgs/s", "MB/s", "secs"
-            )?;
-            let mut row = |name: &str, rate: f64, mb: f64, secs: f64| {
-                writeln!(
-                    f,
-                    "{name:<12} {:>12} {mb:>10.2} {secs:>10.3}",
-                    grouped(rate.round() as u64)
-                )
-            };
+            rate_header(f)?;
+            let mut row =
+                |name: &str, rate: f64, mb: f64, secs: f64| rate_row(f, name, rate, mb, secs);
             row(
                 "publishers",
                 self.pub_msgs_per_sec,
@@ -506,18 +497,8 @@ impl Report {
             js.stream,
             if js.reused { " (reused)" } else { "" }
         )?;
-        writeln!(
-            f,
-            "{:<12} {:>12} {:>10} {:>10}",
-            "", "msgs/s", "MB/s", "secs"
-        )?;
-        let mut row = |name: &str, rate: f64, mb: f64, secs: f64| {
-            writeln!(
-                f,
-                "{name:<12} {:>12} {mb:>10.2} {secs:>10.3}",
-                grouped(rate.round() as u64)
-            )
-        };
+        rate_header(f)?;
+        let mut row = |name: &str, rate: f64, mb: f64, secs: f64| rate_row(f, name, rate, mb, secs);
         if js.sent > 0 {
             row(
                 "acked pubs",
@@ -557,6 +538,24 @@ impl Report {
         }
         Ok(())
     }
+}
+
+/// The header of a rate table in the summary.
+fn rate_header(f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    writeln!(
+        f,
+        "{:<12} {:>12} {:>10} {:>10}",
+        "", "msgs/s", "MB/s", "secs"
+    )
+}
+
+/// One row of a rate table.
+fn rate_row(f: &mut fmt::Formatter<'_>, name: &str, rate: f64, mb: f64, secs: f64) -> fmt::Result {
+    writeln!(
+        f,
+        "{name:<12} {:>12} {mb:>10.2} {secs:>10.3}",
+        grouped(rate.round() as u64)
+    )
 }
 
 /// `1234567` → `1,234,567`.
