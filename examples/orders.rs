@@ -28,11 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (url, server) = match std::env::var("NATS_URL") {
         Ok(url) => (url, None),
         Err(_) => {
-            let mut config = skiff::Config {
-                listen: "127.0.0.1:0".into(),
-                ..Default::default()
-            };
-            config.jetstream.store_dir = store.path().to_path_buf();
+            let config = skiff::Config::with_streams("127.0.0.1:0", store.path());
             let server = skiff::Server::start(config).await?;
             (server.client_url(), Some(server))
         }

@@ -159,6 +159,15 @@ impl Config {
         config
     }
 
+    /// Core messaging and durable streams stored in `store_dir`, on
+    /// `listen` (what stream tests and examples embed).
+    pub fn with_streams(listen: &str, store_dir: impl Into<PathBuf>) -> Config {
+        let mut config = Config::core(listen);
+        config.jetstream.enabled = true;
+        config.jetstream.store_dir = store_dir.into();
+        config
+    }
+
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -7,11 +7,7 @@ use skiff::{Config, Server};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_fetch_ack_and_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    };
-    config.jetstream.store_dir = dir.path().to_path_buf();
+    let config = Config::with_streams("127.0.0.1:0", dir.path());
     let server = Server::start(config.clone()).await.unwrap();
     let client = async_nats::connect(server.client_url()).await.unwrap();
     let js = jetstream::new(client);
@@ -117,9 +113,7 @@ async fn streams_declared_in_conf_streams_toml_exist_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::core("127.0.0.1:0");
-    config.jetstream.enabled = true;
-    config.jetstream.store_dir = dir.path().to_path_buf();
+    let mut config = Config::with_streams("127.0.0.1:0", dir.path());
     config.jetstream.max_file_store = 4096;
     let server = Server::start(config).await.unwrap();
     let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
@@ -163,9 +157,7 @@ async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_consumer_with_flow_control_gets_everything() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::core("127.0.0.1:0");
-    config.jetstream.enabled = true;
-    config.jetstream.store_dir = dir.path().to_path_buf();
+    let config = Config::with_streams("127.0.0.1:0", dir.path());
     let server = Server::start(config).await.unwrap();
     let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
     let s = js
@@ -218,9 +210,7 @@ async fn push_consumer_with_flow_control_gets_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_stalls_delivery_until_the_client_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::core("127.0.0.1:0");
-    config.jetstream.enabled = true;
-    config.jetstream.store_dir = dir.path().to_path_buf();
+    let config = Config::with_streams("127.0.0.1:0", dir.path());
     let server = Server::start(config).await.unwrap();
     let client = async_nats::connect(server.client_url()).await.unwrap();
     let js = jetstream::new(client.clone());

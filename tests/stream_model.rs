@@ -275,11 +275,7 @@ async fn connect(server: &ServerHandle) -> Result<(async_nats::Client, Context),
 
 impl Harness {
     async fn start(dir: &std::path::Path) -> Result<Harness, String> {
-        let mut config = Config {
-            listen: "127.0.0.1:0".into(),
-            ..Default::default()
-        };
-        config.jetstream.store_dir = dir.to_path_buf();
+        let config = Config::with_streams("127.0.0.1:0", dir);
         let server = step("start", Server::start(config.clone())).await?;
         let (client, js) = connect(&server).await?;
         let stream = step(

@@ -1221,9 +1221,7 @@ mod tests {
     #[tokio::test]
     async fn stream_scenarios_publish_and_consume_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::core("127.0.0.1:0");
-        config.jetstream.enabled = true;
-        config.jetstream.store_dir = dir.path().into();
+        let config = Config::with_streams("127.0.0.1:0", dir.path());
         let server = Server::start(config).await.expect("server starts");
         let url = server.client_url();
         let jspub = BenchOptions {

@@ -33,11 +33,7 @@ impl JsServer {
     /// Starts a server on a free port with a fresh, empty store.
     pub async fn start() -> JsServer {
         let dir = tempfile::tempdir().expect("temporary store directory");
-        let mut config = Config {
-            listen: "127.0.0.1:0".into(),
-            ..Default::default()
-        };
-        config.jetstream.store_dir = dir.path().into();
+        let config = Config::with_streams("127.0.0.1:0", dir.path());
         JsServer::boot(config, dir).await
     }
 
