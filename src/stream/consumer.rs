@@ -711,8 +711,8 @@ impl Consumer {
         let next = next_deadline(&st, &config);
         drop(st);
         // Retention deletes first, so that the sync below covers them too.
-        for (seq, subject_name) in done {
-            stream.acknowledged(seq, &subject_name);
+        for seq in done {
+            stream.acknowledged(seq);
         }
         if !confirm.is_empty() {
             if js.sync_always() {
@@ -739,17 +739,9 @@ impl Consumer {
         st: &mut State,
         config: &ConsumerConfig,
         now: Instant,
-        done: &mut Vec<(u64, Bytes)>,
+        done: &mut Vec<u64>,
         confirm: &mut Vec<Bytes>,
     ) {
-        let stream = self.stream.upgrade();
-        let subject_of = |seq: u64| {
-            stream
-                .as_ref()
-                .and_then(|s| s.store().get(seq).ok().flatten())
-                .map(|m| m.subject)
-                .unwrap_or_default()
-        };
         let ack_wait = Duration::from_nanos(config.ack_wait.max(0) as u64);
         for ack in std::mem::take(&mut st.acks) {
             st.last_active = now;
@@ -767,7 +759,7 @@ impl Consumer {
                     for seq in acked {
                         st.pending.remove(&seq);
                         st.redeliver.remove(&seq);
-                        done.push((seq, subject_of(seq)));
+                        done.push(seq);
                     }
                     if let (AckKind::Next(request), Some(reply)) = (&ack.kind, &ack.reply) {
                         st.waiting.push_back(PullRequest {

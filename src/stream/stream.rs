@@ -559,16 +559,20 @@ impl Stream {
     /// A consumer acknowledged `seq`: under workqueue retention the message
     /// is done; under interest retention once every consumer that wants it
     /// has acknowledged it.
-    pub(crate) fn acknowledged(&self, seq: u64, subject: &[u8]) {
+    pub(crate) fn acknowledged(&self, seq: u64) {
         let retention = self.config.read().retention;
         let done = match retention {
             Retention::Limits => false,
             Retention::WorkQueue => true,
-            Retention::Interest => self
-                .consumers
-                .read()
-                .values()
-                .all(|c| !c.wants(subject) || c.has_acked(seq)),
+            // Only here is the message read back: to know whose filter it is.
+            Retention::Interest => match self.store.get(seq) {
+                Ok(Some(m)) => self
+                    .consumers
+                    .read()
+                    .values()
+                    .all(|c| !c.wants(&m.subject) || c.has_acked(seq)),
+                _ => false,
+            },
         };
         if done {
             if let Err(e) = self.store.delete(seq) {
