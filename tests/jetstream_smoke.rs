@@ -156,32 +156,9 @@ async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_consumer_with_flow_control_gets_everything() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config::with_streams("127.0.0.1:0", dir.path());
-    let server = Server::start(config).await.unwrap();
-    let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
-    let s = js
-        .create_stream(stream::Config {
-            name: "FC".into(),
-            subjects: vec!["fc.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
     // 4 MiB: many times the flow-control window, so delivery stalls and
     // resumes repeatedly.
-    let payload = bytes::Bytes::from(vec![b'x'; 1024]);
-    let mut acks = Vec::new();
-    for i in 0..4096 {
-        acks.push(
-            js.publish(format!("fc.{i}"), payload.clone())
-                .await
-                .unwrap(),
-        );
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    let (_dir, server, _client, s) = stream_of_kib_messages(4096).await;
     let consumer = s
         .create_consumer(jetstream::consumer::push::Config {
             deliver_subject: "deliver.fc".into(),
@@ -209,27 +186,7 @@ async fn push_consumer_with_flow_control_gets_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_stalls_delivery_until_the_client_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config::with_streams("127.0.0.1:0", dir.path());
-    let server = Server::start(config).await.unwrap();
-    let client = async_nats::connect(server.client_url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    let s = js
-        .create_stream(stream::Config {
-            name: "FC".into(),
-            subjects: vec!["fc.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let payload = bytes::Bytes::from(vec![b'x'; 1024]);
-    for i in 0..1024 {
-        js.publish(format!("fc.{i}"), payload.clone())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
+    let (_dir, server, client, s) = stream_of_kib_messages(1024).await;
     // A plain subscriber that sees the raw deliveries and status messages.
     let mut raw = client.subscribe("raw.fc").await.unwrap();
     client.flush().await.unwrap();
@@ -269,4 +226,43 @@ async fn flow_control_stalls_delivery_until_the_client_answers() {
         .unwrap();
     assert!(m.status.is_none(), "a data message after the answer");
     server.shutdown().await;
+}
+
+/// A server with a stream `FC` on `fc.>` holding `count` 1 KiB messages,
+/// for the flow-control tests.
+async fn stream_of_kib_messages(
+    count: usize,
+) -> (
+    tempfile::TempDir,
+    skiff::ServerHandle,
+    async_nats::Client,
+    stream::Stream,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(Config::with_streams("127.0.0.1:0", dir.path()))
+        .await
+        .unwrap();
+    let client = async_nats::connect(server.client_url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let s = js
+        .create_stream(stream::Config {
+            name: "FC".into(),
+            subjects: vec!["fc.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let payload = bytes::Bytes::from(vec![b'x'; 1024]);
+    let mut acks = Vec::new();
+    for i in 0..count {
+        acks.push(
+            js.publish(format!("fc.{i}"), payload.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    (dir, server, client, s)
 }

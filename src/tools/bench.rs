@@ -1140,13 +1140,9 @@ fn raise_fd_limit(wanted: u64) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Config, Server, ServerHandle};
+    use crate::{Config, Server};
 
-    async fn server() -> ServerHandle {
-        Server::start(Config::core("127.0.0.1:0"))
-            .await
-            .expect("server starts")
-    }
+    use crate::tools::test_server as server;
 
     fn small(url: &str, scenario: Scenario) -> BenchOptions {
         BenchOptions {

@@ -75,11 +75,10 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Config, Server};
 
     #[tokio::test]
     async fn sub_prints_and_reply_answers() {
-        let server = Server::start(Config::core("127.0.0.1:0")).await.unwrap();
+        let server = crate::tools::test_server().await;
         let url = server.client_url();
 
         let mut sub = listen(&url, "greet.*", None).await.unwrap();

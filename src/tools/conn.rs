@@ -479,13 +479,8 @@ fn host_port(url: &str) -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Config, Server, ServerHandle};
 
-    async fn server() -> ServerHandle {
-        Server::start(Config::core("127.0.0.1:0"))
-            .await
-            .expect("server starts")
-    }
+    use crate::tools::test_server as server;
 
     #[test]
     fn urls_are_understood() {

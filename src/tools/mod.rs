@@ -8,3 +8,11 @@ pub mod commands;
 pub mod conn;
 
 pub use conn::{Connection, Error, DEFAULT_URL};
+
+/// A core-only server on a free loopback port, for the tools' tests.
+#[cfg(test)]
+pub(crate) async fn test_server() -> crate::ServerHandle {
+    crate::Server::start(crate::Config::core("127.0.0.1:0"))
+        .await
+        .expect("server starts")
+}
