@@ -116,6 +116,8 @@ conformance!(
     records_kept,
     removed_store_is_closed,
     random_ops_match_model,
+    batched_appends_match_single_appends,
+    writer_sees_its_own_appends,
 );
 
 fn append_and_get(kind: Kind) {
@@ -779,6 +781,100 @@ fn random_ops_match_model(kind: Kind) {
         assert_eq!(s.seq_for_time(t).unwrap(), expected, "seq_for_time({t})");
         check_against_model(&*s, &model, &mut rng, &patterns);
     }
+}
+
+/// Limits under which appends inside one writer must interact: per-subject
+/// replacement, discard old and discard new at the stream limits.
+fn batch_limits() -> Vec<StoreLimits> {
+    vec![
+        none(),
+        StoreLimits {
+            max_msgs_per_subject: Some(2),
+            ..none()
+        },
+        StoreLimits {
+            max_msgs: Some(25),
+            max_bytes: Some(40 * size("a.b")),
+            ..none()
+        },
+        StoreLimits {
+            max_msgs: Some(30),
+            discard_new: true,
+            ..none()
+        },
+        StoreLimits {
+            max_msgs_per_subject: Some(3),
+            max_bytes: Some(20 * size("a.b")),
+            discard_new: true,
+            ..none()
+        },
+        StoreLimits {
+            max_msgs_per_subject: Some(1),
+            discard_new: true,
+            discard_new_per_subject: true,
+            ..none()
+        },
+    ]
+}
+
+/// Every message, in order, as `(seq, subject)`.
+fn contents(s: &dyn StreamStore) -> Vec<(u64, Bytes)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(m) = s.next_matching(from, &[]).unwrap() {
+        from = m.seq + 1;
+        out.push((m.seq, m.subject));
+    }
+    out
+}
+
+fn batched_appends_match_single_appends(kind: Kind) {
+    let subjects = ["a.b", "a.c", "b.x", "b.yy"];
+    for (case, limits) in batch_limits().into_iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(case as u64);
+        let single = kind(limits.clone());
+        let batched = kind(limits.clone());
+        for _ in 0..20 {
+            let batch: Vec<&str> = (0..rng.gen_range(1..12))
+                .map(|_| subjects[rng.gen_range(0..subjects.len())])
+                .collect();
+            let mut writer = batched.writer().unwrap();
+            for (i, subj) in batch.iter().enumerate() {
+                let one = single
+                    .append(subj.as_bytes(), 0, b"data", 1)
+                    .map_err(|e| e.to_string());
+                let many = writer
+                    .append(subj.as_bytes(), 0, b"data", 1)
+                    .map_err(|e| e.to_string());
+                assert_eq!(one, many, "case {case}, message {i} of {batch:?}");
+                assert_eq!(writer.last_seq(), single.state().last_seq, "case {case}");
+            }
+            writer.commit().unwrap();
+            assert_eq!(batched.state(), single.state(), "case {case}");
+            assert_eq!(contents(&*batched), contents(&*single), "case {case}");
+        }
+    }
+}
+
+fn writer_sees_its_own_appends(kind: Kind) {
+    let s = kind(none());
+    put(&*s, "a", 1);
+    let mut w = s.writer().unwrap();
+    assert_eq!(w.append(b"b", 0, b"x", 2).unwrap(), 2);
+    assert_eq!(w.append(b"a", 0, b"x", 2).unwrap(), 3);
+    assert_eq!(w.last_seq(), 3);
+    assert_eq!(w.last_seq_for_subject(b"a"), 3);
+    assert_eq!(w.last_seq_for_subject(b"b"), 2);
+    assert_eq!(w.last_seq_for_subject(b"c"), 0);
+    drop(w);
+    // Dropped without commit: nothing of it was stored.
+    assert_eq!(s.state().last_seq, 1);
+    assert_eq!(s.get(2).unwrap(), None);
+    let mut w = s.writer().unwrap();
+    assert_eq!(w.append(b"b", 0, b"x", 3).unwrap(), 2);
+    w.commit().unwrap();
+    assert_eq!(s.state().messages, 2);
+    assert_eq!(s.last_for_subject(b"b").unwrap().map(|m| m.seq), Some(2));
 }
 
 // ---- file storage only ----

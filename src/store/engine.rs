@@ -28,7 +28,8 @@ use bytes::Bytes;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{
-    message_size, Filter, Result, StoreError, StoreLimits, StoredMessage, StreamState, StreamStore,
+    message_size, Filter, Result, StoreError, StoreLimits, StoreWriter, StoredMessage, StreamState,
+    StreamStore,
 };
 
 /// Most messages removed by one batch.
@@ -66,10 +67,11 @@ pub struct PersistedState {
     pub commits: u64,
 }
 
-/// One atomic change: store `put`, remove `removed`, record `state`.
+/// One atomic change: store `puts`, remove `removed`, record `state`.
 #[derive(Debug)]
 pub struct Batch<'a> {
-    pub put: Option<&'a StoredMessage>,
+    /// In ascending sequence order, all above the stream's last sequence.
+    pub puts: &'a [StoredMessage],
     pub removed: &'a [Removal],
     pub state: PersistedState,
 }
@@ -159,6 +161,24 @@ struct Inner<B> {
     commits: u64,
     subjects: SubjectMap,
     health: Health,
+}
+
+/// What [`Inner::admit`] weighs a new message against.
+#[derive(Clone, Copy, Debug)]
+struct Counts {
+    messages: u64,
+    bytes: u64,
+    /// Messages stored on the new message's subject.
+    subject_msgs: u64,
+}
+
+/// Whether an admitted message can be stored as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    Now,
+    /// Its limits push older messages out, which must be read from the
+    /// backend first.
+    AfterRemovals,
 }
 
 /// A limit, with 0 meaning unlimited as in nats-server.
@@ -337,11 +357,11 @@ impl<B: Backend> Inner<B> {
     /// `new_last` raises `last_seq` (a compaction past the end).
     fn apply(
         &mut self,
-        put: Option<&StoredMessage>,
+        puts: &[StoredMessage],
         removed: &[Removal],
         new_last: Option<u64>,
     ) -> Result<()> {
-        if put.is_none() && removed.is_empty() && new_last.is_none() {
+        if puts.is_empty() && removed.is_empty() && new_last.is_none() {
             return Ok(());
         }
         let mut next = self.persisted();
@@ -353,7 +373,7 @@ impl<B: Backend> Inner<B> {
                 .ok_or_else(|| StoreError::corrupt("removing more messages than stored"))?;
             next.bytes = next.bytes.saturating_sub(r.size);
         }
-        if let Some(m) = put {
+        for m in puts {
             next.messages += 1;
             next.bytes += m.size();
             next.last_seq = m.seq;
@@ -363,12 +383,12 @@ impl<B: Backend> Inner<B> {
             next.last_seq = next.last_seq.max(last);
         }
         self.backend.commit(Batch {
-            put,
+            puts,
             removed,
             state: next,
         })?;
         // The disk has changed: if memory cannot follow, stop serving.
-        if let Err(e) = self.follow(put, removed, next) {
+        if let Err(e) = self.follow(puts, removed, next) {
             self.health = Health::Broken(e.to_string());
             return Err(e);
         }
@@ -378,7 +398,7 @@ impl<B: Backend> Inner<B> {
     /// Brings counters and the subject summary in line with a committed batch.
     fn follow(
         &mut self,
-        put: Option<&StoredMessage>,
+        puts: &[StoredMessage],
         removed: &[Removal],
         next: PersistedState,
     ) -> Result<()> {
@@ -401,7 +421,7 @@ impl<B: Backend> Inner<B> {
                 stale.push(r.subject.clone());
             }
         }
-        if let Some(m) = put {
+        for m in puts {
             self.subjects
                 .entry(m.subject.clone())
                 .and_modify(|s| {
@@ -495,6 +515,49 @@ impl<B: Backend> Inner<B> {
 
     // ---- append ----
 
+    /// Refuses a message the limits do not let in, given the stream's
+    /// `counts` (including anything staged but not yet committed), and says
+    /// whether storing it means removing older messages first.
+    fn admit(&self, subject: &[u8], payload_len: usize, counts: Counts) -> Result<Admission> {
+        let size = message_size(subject.len(), payload_len);
+        if limit(self.limits.max_msg_size).is_some_and(|max| payload_len as u64 > max) {
+            return Err(StoreError::MaxMsgSize);
+        }
+        let at_subject_limit =
+            limit(self.limits.max_msgs_per_subject).is_some_and(|max| counts.subject_msgs >= max);
+        if self.limits.discard_new {
+            self.check_discard_new(subject, size, at_subject_limit, counts)?;
+        } else if limit(self.limits.max_bytes).is_some_and(|max| size > max) {
+            // With discard old it would push out everything and still not fit.
+            return Err(StoreError::MaxBytes);
+        }
+        let over =
+            !self.limits.discard_new && self.over_limits(counts.messages + 1, counts.bytes + size);
+        Ok(if at_subject_limit || over {
+            Admission::AfterRemovals
+        } else {
+            Admission::Now
+        })
+    }
+
+    /// Whether a stream of `msgs` messages and `bytes` bytes breaks
+    /// `max_msgs` or `max_bytes`.
+    fn over_limits(&self, msgs: u64, bytes: u64) -> bool {
+        limit(self.limits.max_msgs).is_some_and(|m| msgs > m)
+            || limit(self.limits.max_bytes).is_some_and(|m| bytes > m)
+    }
+
+    /// The counts [`Inner::admit`] needs for a message on `subject`, with
+    /// nothing staged.
+    fn counts(&self, subject: &[u8]) -> Counts {
+        Counts {
+            messages: self.messages,
+            bytes: self.bytes,
+            subject_msgs: self.subjects.get(subject).map_or(0, |s| s.msgs),
+        }
+    }
+
+    /// Stores one message now, removing what its limits push out.
     fn append(
         &mut self,
         subject: &[u8],
@@ -502,21 +565,7 @@ impl<B: Backend> Inner<B> {
         payload: &[u8],
         timestamp: i64,
     ) -> Result<u64> {
-        let size = message_size(subject.len(), payload.len());
-        if limit(self.limits.max_msg_size).is_some_and(|max| payload.len() as u64 > max) {
-            return Err(StoreError::MaxMsgSize);
-        }
-        let per_subject = limit(self.limits.max_msgs_per_subject);
-        let subject_state = self.subjects.get(subject).copied();
-        let at_subject_limit = per_subject
-            .zip(subject_state)
-            .is_some_and(|(max, s)| s.msgs >= max);
-        if self.limits.discard_new {
-            self.check_discard_new(subject, size, at_subject_limit)?;
-        } else if limit(self.limits.max_bytes).is_some_and(|max| size > max) {
-            // With discard old it would push out everything and still not fit.
-            return Err(StoreError::MaxBytes);
-        }
+        let admission = self.admit(subject, payload.len(), self.counts(subject))?;
         let msg = StoredMessage {
             seq: self.last_seq + 1,
             subject: Bytes::copy_from_slice(subject),
@@ -525,29 +574,38 @@ impl<B: Backend> Inner<B> {
             timestamp,
         };
         let mut removed = Vec::new();
-        if let (Some(max), Some(s)) = (per_subject, subject_state) {
-            let excess = (s.msgs + 1).saturating_sub(max);
-            self.collect_subject_oldest(&msg.subject, excess, &mut removed)?;
+        if admission == Admission::AfterRemovals {
+            if let Some(max) = limit(self.limits.max_msgs_per_subject) {
+                let excess = (self.counts(subject).subject_msgs + 1).saturating_sub(max);
+                self.collect_subject_oldest(&msg.subject, excess, &mut removed)?;
+            }
+            if !self.limits.discard_new {
+                self.collect_over_limits(1, msg.size(), &mut removed)?;
+            }
         }
-        if !self.limits.discard_new {
-            self.collect_over_limits(1, size, &mut removed)?;
-        }
-        self.apply(Some(&msg), &removed, None)?;
+        self.apply(std::slice::from_ref(&msg), &removed, None)?;
         Ok(msg.seq)
     }
 
     /// The refusals of `discard: new`, with nats-server's rules: a subject
     /// at its own limit replaces its oldest message, so it passes the stream
     /// limits if that frees enough; the bytes limit refuses at `>=`.
-    fn check_discard_new(&self, subject: &[u8], size: u64, at_subject_limit: bool) -> Result<()> {
+    fn check_discard_new(
+        &self,
+        subject: &[u8],
+        size: u64,
+        at_subject_limit: bool,
+        counts: Counts,
+    ) -> Result<()> {
         if at_subject_limit && self.limits.discard_new_per_subject {
             return Err(StoreError::MaxMsgsPerSubject);
         }
-        if limit(self.limits.max_msgs).is_some_and(|max| self.messages >= max) && !at_subject_limit
+        if limit(self.limits.max_msgs).is_some_and(|max| counts.messages >= max)
+            && !at_subject_limit
         {
             return Err(StoreError::MaxMsgs);
         }
-        if limit(self.limits.max_bytes).is_some_and(|max| self.bytes + size >= max) {
+        if limit(self.limits.max_bytes).is_some_and(|max| counts.bytes + size >= max) {
             if !at_subject_limit {
                 return Err(StoreError::MaxBytes);
             }
@@ -594,17 +652,13 @@ impl<B: Backend> Inner<B> {
         add_bytes: u64,
         out: &mut Vec<Removal>,
     ) -> Result<()> {
-        let (max_msgs, max_bytes) = (limit(self.limits.max_msgs), limit(self.limits.max_bytes));
         let mut msgs = self.messages + add_msgs;
         let mut bytes = self.bytes + add_bytes;
         for r in out.iter() {
             msgs -= 1;
             bytes = bytes.saturating_sub(r.size);
         }
-        let over = |msgs: u64, bytes: u64| {
-            max_msgs.is_some_and(|m| msgs > m) || max_bytes.is_some_and(|m| bytes > m)
-        };
-        if !over(msgs, bytes) {
+        if !self.over_limits(msgs, bytes) {
             return Ok(());
         }
         let already: HashSet<u64> = out.iter().map(|r| r.seq).collect();
@@ -620,12 +674,12 @@ impl<B: Backend> Inner<B> {
                 size: m.size(),
                 subject: m.subject,
             });
-            if !over(msgs, bytes) {
+            if !self.over_limits(msgs, bytes) {
                 return Ok(());
             }
         }
         // Only the new message is left and it does not fit.
-        Err(if max_bytes.is_some_and(|m| bytes > m) {
+        Err(if limit(self.limits.max_bytes).is_some_and(|m| bytes > m) {
             StoreError::MaxBytes
         } else {
             StoreError::MaxMsgs
@@ -798,7 +852,7 @@ impl<B: Backend> Inner<B> {
             size: m.size(),
             subject: m.subject,
         };
-        self.apply(None, &[removal], None)?;
+        self.apply(&[], &[removal], None)?;
         Ok(true)
     }
 
@@ -940,12 +994,12 @@ impl<B: Backend> Inner<B> {
                     break;
                 }
                 total += pending.len() as u64;
-                self.apply(None, &pending, None)?;
+                self.apply(&[], &pending, None)?;
                 pending.clear();
             }
         }
         total += pending.len() as u64;
-        self.apply(None, &pending, new_last)?;
+        self.apply(&[], &pending, new_last)?;
         Ok(total)
     }
 
@@ -976,7 +1030,7 @@ impl<B: Backend> Inner<B> {
             }
             let done = pending.len() < CHUNK;
             total += pending.len() as u64;
-            self.apply(None, &pending, None)?;
+            self.apply(&[], &pending, None)?;
             if done {
                 return Ok(total);
             }
@@ -1013,7 +1067,7 @@ impl<B: Backend> Inner<B> {
                     }
                     left -= removed.len() as u64;
                     total += removed.len() as u64;
-                    self.apply(None, &removed, None)?;
+                    self.apply(&[], &removed, None)?;
                 }
             }
         }
@@ -1036,17 +1090,127 @@ fn count<T>(iter: Iter<'_, T>) -> Result<u64> {
     Ok(n)
 }
 
-impl<B: Backend> StreamStore for StreamEngine<B> {
+/// Appends staged under the engine's write lock and committed together
+/// (see [`StreamStore::writer`]).
+///
+/// Staged messages are not in `inner` yet: the counts and sequences the
+/// writer reports add them on top. Only messages that need no reads from
+/// the backend are staged; one whose limits push older messages out, or one
+/// on a subject with a staged message under a per-subject limit, first
+/// commits what is staged and is then appended on its own.
+struct Writer<'a, B: Backend> {
+    inner: RwLockWriteGuard<'a, Inner<B>>,
+    staged: Vec<StoredMessage>,
+    staged_bytes: u64,
+    /// Subjects with a staged message; kept only under a per-subject limit.
+    staged_subjects: HashSet<Bytes, ahash::RandomState>,
+    /// Why committing staged messages failed: later appends fail too, so
+    /// that what is stored stays a prefix of what was asked.
+    failed: Option<String>,
+}
+
+impl<B: Backend> Writer<'_, B> {
+    fn counts(&self, subject: &[u8]) -> Counts {
+        let mut counts = self.inner.counts(subject);
+        counts.messages += self.staged.len() as u64;
+        counts.bytes += self.staged_bytes;
+        counts
+    }
+
+    fn stage(&mut self, subject: &[u8], header_len: usize, payload: &[u8], ts: i64) -> u64 {
+        let msg = StoredMessage {
+            seq: self.last_seq() + 1,
+            subject: Bytes::copy_from_slice(subject),
+            header_len,
+            payload: Bytes::copy_from_slice(payload),
+            timestamp: ts,
+        };
+        let seq = msg.seq;
+        self.staged_bytes += msg.size();
+        if limit(self.inner.limits.max_msgs_per_subject).is_some() {
+            self.staged_subjects.insert(msg.subject.clone());
+        }
+        self.staged.push(msg);
+        seq
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let staged = std::mem::take(&mut self.staged);
+        self.staged_bytes = 0;
+        self.staged_subjects.clear();
+        self.inner
+            .apply(&staged, &[], None)
+            .inspect_err(|e| self.failed = Some(e.to_string()))
+    }
+}
+
+impl<B: Backend> StoreWriter for Writer<'_, B> {
     fn append(
-        &self,
+        &mut self,
         subject: &[u8],
         header_len: usize,
         payload: &[u8],
         timestamp: i64,
     ) -> Result<u64> {
+        if let Some(why) = &self.failed {
+            return Err(StoreError::Io {
+                context: "an earlier write of this batch failed".into(),
+                source: std::io::Error::other(why.clone()),
+            });
+        }
+        self.inner.check()?;
         validate_append(subject, header_len, payload)?;
-        self.write()?
-            .append(subject, header_len, payload, timestamp)
+        if !self.staged_subjects.is_empty() && self.staged_subjects.contains(subject) {
+            self.flush()?;
+        }
+        match self
+            .inner
+            .admit(subject, payload.len(), self.counts(subject))?
+        {
+            Admission::Now => Ok(self.stage(subject, header_len, payload, timestamp)),
+            Admission::AfterRemovals => {
+                self.flush()?;
+                self.inner.append(subject, header_len, payload, timestamp)
+            }
+        }
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.inner.last_seq + self.staged.len() as u64
+    }
+
+    fn last_seq_for_subject(&self, subject: &[u8]) -> u64 {
+        let staged = self.staged.iter().rev().find(|m| m.subject == subject);
+        staged.map_or_else(
+            || self.inner.subjects.get(subject).map_or(0, |s| s.last),
+            |m| m.seq,
+        )
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        self.flush()?;
+        match self.failed.take() {
+            Some(why) => Err(StoreError::Io {
+                context: "write batch".into(),
+                source: std::io::Error::other(why),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<B: Backend> StreamStore for StreamEngine<B> {
+    fn writer(&self) -> Result<Box<dyn StoreWriter + '_>> {
+        Ok(Box::new(Writer {
+            inner: self.write()?,
+            staged: Vec::new(),
+            staged_bytes: 0,
+            staged_subjects: HashSet::default(),
+            failed: None,
+        }))
     }
 
     fn get(&self, seq: u64) -> Result<Option<StoredMessage>> {

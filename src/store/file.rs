@@ -910,7 +910,7 @@ impl Backend for FileBackend {
             b.remove(&self.messages, r.seq.to_be_bytes());
             b.remove(&self.index, index_key(&r.subject, r.seq));
         }
-        if let Some(m) = batch.put {
+        for m in batch.puts {
             b.insert(&self.messages, m.seq.to_be_bytes(), encode_message(m));
             b.insert(
                 &self.index,

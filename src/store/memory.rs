@@ -98,7 +98,7 @@ impl Backend for MemoryBackend {
                 }
             }
         }
-        if let Some(m) = batch.put {
+        for m in batch.puts {
             self.index
                 .entry(m.subject.clone())
                 .or_default()

@@ -188,7 +188,18 @@ pub trait StreamStore: Send + Sync {
         header_len: usize,
         payload: &[u8],
         timestamp: i64,
-    ) -> Result<u64>;
+    ) -> Result<u64> {
+        let mut writer = self.writer()?;
+        let seq = writer.append(subject, header_len, payload, timestamp)?;
+        writer.commit()?;
+        Ok(seq)
+    }
+
+    /// A writer that groups many appends into as few atomic writes as the
+    /// limits allow (one, when no message pushes older ones out), for a
+    /// publisher's batch. It holds the stream's write lock until committed
+    /// or dropped.
+    fn writer(&self) -> Result<Box<dyn StoreWriter + '_>>;
 
     /// The message stored under `seq`, if any.
     fn get(&self, seq: u64) -> Result<Option<StoredMessage>>;
@@ -279,6 +290,33 @@ pub trait StreamStore: Send + Sync {
     /// Removes the stream and all its data. Every later call on this store
     /// fails with [`StoreError::Closed`].
     fn remove(&self) -> Result<()>;
+}
+
+/// Appends made together: see [`StreamStore::writer`]. What it reports
+/// includes its own appends that are not committed yet.
+pub trait StoreWriter {
+    /// Like [`StreamStore::append`]: checks the limits and returns the
+    /// sequence the message gets, but the message may only be stored by
+    /// [`StoreWriter::commit`].
+    fn append(
+        &mut self,
+        subject: &[u8],
+        header_len: usize,
+        payload: &[u8],
+        timestamp: i64,
+    ) -> Result<u64>;
+
+    /// The newest sequence assigned, these appends included.
+    fn last_seq(&self) -> u64;
+
+    /// The sequence of the newest message on the literal `subject`, these
+    /// appends included; 0 if there is none.
+    fn last_seq_for_subject(&self, subject: &[u8]) -> u64;
+
+    /// Stores what is staged. After an error, exactly the sequences above
+    /// the store's `state().last_seq` were not stored. Dropping a writer
+    /// without committing discards what it staged.
+    fn commit(self: Box<Self>) -> Result<()>;
 }
 
 /// A set of subject filters, classified once per call.

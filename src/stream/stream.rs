@@ -13,15 +13,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use base64::Engine;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::WakeList;
 use crate::protocol::headers::{header_str, HeaderBlock};
 use crate::protocol::Message;
-use crate::store::{MemoryStore, StoreError, StoreLimits, StoredMessage, StreamState, StreamStore};
+use crate::store::{
+    MemoryStore, StoreError, StoreLimits, StoreWriter, StoredMessage, StreamState, StreamStore,
+};
 use crate::subject;
 use crate::subscription::{InternalSubscriber, Subscription};
 
@@ -77,6 +80,8 @@ impl Dedup {
 
 pub(crate) struct Stream {
     name: String,
+    /// `{"stream":"NAME","seq":`, the start of every PubAck.
+    ack_prefix: Vec<u8>,
     js: Weak<JetStream>,
     config: RwLock<StreamConfig>,
     created: i64,
@@ -226,6 +231,7 @@ impl Stream {
     fn start(js: &Arc<JetStream>, meta: Meta, store: Arc<dyn StreamStore>) -> Arc<Stream> {
         let (tx, rx) = mpsc::channel(INGEST_QUEUE);
         let stream = Arc::new(Stream {
+            ack_prefix: ack_prefix(&meta.config.name),
             name: meta.config.name.clone(),
             js: Arc::downgrade(js),
             config: RwLock::new(meta.config),
@@ -599,6 +605,7 @@ impl Stream {
             return;
         };
         let mut dedup = self.dedup.lock();
+        *dedup = Dedup::default();
         while let Ok(Some(m)) = self.store.next_matching(seq, &[]) {
             if let Some(id) = header_str(m.headers(), "Nats-Msg-Id") {
                 dedup.record(id, m.seq, m.timestamp);
@@ -611,37 +618,15 @@ impl Stream {
     fn store_batch(&self, batch: Vec<Message>) {
         let queued: usize = batch.iter().map(|m| m.payload().len()).sum();
         self.ingest_bytes.fetch_sub(queued, Ordering::Relaxed);
-        let now = now_nanos();
-        let storage = self.config.read().storage;
-        let mut room = self.js().and_then(|js| js.storage_room(storage));
-        let mut results: Vec<(Option<Bytes>, Result<PubAck, ApiError>)> = batch
-            .iter()
-            .map(|m| {
-                let size = crate::store::message_size(m.subject().len(), m.payload().len());
-                let result = match room {
-                    Some(left) if size > left => Err(ApiError::new(
-                        500,
-                        10047,
-                        "insufficient storage resources available",
-                    )),
-                    _ => self.store_one(m, now),
-                };
-                if let (Some(left), Ok(_)) = (&mut room, &result) {
-                    *left = left.saturating_sub(size);
-                }
-                (m.reply().map(Bytes::copy_from_slice), result)
-            })
-            .collect();
-        let stored_any = results
-            .iter()
-            .any(|(_, r)| matches!(r, Ok(a) if !a.duplicate));
+        let mut results = self.write_batch(&batch);
+        let stored_any = results.iter().any(|r| matches!(r, Ok(a) if !a.duplicate));
         if stored_any && self.js().is_some_and(|js| js.sync_always()) {
             if let Err(e) = self.store.sync() {
                 tracing::error!(
                     "stream {}: fsync failed, publishes are not acknowledged: {e}",
                     self.name
                 );
-                for (_, r) in &mut results {
+                for r in &mut results {
                     *r = Err(ApiError::store_failed(&e));
                 }
             }
@@ -649,23 +634,93 @@ impl Stream {
         if stored_any {
             self.notify_consumers();
         }
+        self.answer(&batch, &results);
+    }
+
+    /// Sends each publish of `batch` that has a reply subject its PubAck or
+    /// error. The replies share one buffer and their writers are woken once.
+    fn answer(&self, batch: &[Message], results: &[Result<PubAck, ApiError>]) {
         let Some(server) = self.server_state() else {
             return;
         };
-        for (reply, result) in results {
-            if let Some(reply) = reply {
-                let body = match result {
-                    Ok(ack) => serde_json::to_vec(&ack).unwrap_or_default(),
-                    Err(error) => serde_json::to_vec(&serde_json::json!({ "error": error }))
-                        .unwrap_or_default(),
-                };
-                server.send_internal(&reply, &Message::new(&reply, None, None, &body));
+        let mut buf = BytesMut::new();
+        let mut replies = Vec::with_capacity(batch.len());
+        for (m, result) in batch.iter().zip(results) {
+            if let Some(reply) = m.reply() {
+                let start = buf.len();
+                buf.extend_from_slice(reply);
+                let subject = start..buf.len();
+                encode_reply(&self.ack_prefix, &mut buf, result);
+                replies.push((subject.clone(), subject.end..buf.len()));
             }
         }
+        let buf = buf.freeze();
+        let mut wakes = WakeList::default();
+        for (subject, body) in replies {
+            let reply = Message::from_parts(buf.clone(), subject.clone(), None, None, body);
+            server.route_to(&buf[subject], &reply, None, &mut wakes);
+        }
+        wakes.wake_all();
     }
 
-    fn store_one(&self, m: &Message, now: i64) -> Result<PubAck, ApiError> {
+    /// Checks and stages every message of `batch` in one store writer, then
+    /// commits them together: one write for the batch, not one per message.
+    fn write_batch(&self, batch: &[Message]) -> Vec<Result<PubAck, ApiError>> {
+        let now = now_nanos();
+        let mut results = Vec::with_capacity(batch.len());
+        // Lock order: config, dedup, then the store (as `rebuild_dedup`).
         let config = self.config.read();
+        let mut dedup = self.dedup.lock();
+        dedup.prune(now, config.duplicate_window);
+        // Before the writer: the room counts this stream's state too.
+        let mut room = self.js().and_then(|js| js.storage_room(config.storage));
+        let committed = self.store.writer().and_then(|mut writer| {
+            for m in batch {
+                let size = crate::store::message_size(m.subject().len(), m.payload().len());
+                let result = match room {
+                    Some(left) if size > left => Err(ApiError::new(
+                        500,
+                        10047,
+                        "insufficient storage resources available",
+                    )),
+                    _ => self.store_one(&mut *writer, &config, &mut dedup, m, now),
+                };
+                if let (Some(left), Ok(_)) = (&mut room, &result) {
+                    *left = left.saturating_sub(size);
+                }
+                results.push(result);
+            }
+            writer.commit()
+        });
+        drop((config, dedup));
+        if let Err(e) = committed {
+            tracing::error!(
+                "stream {}: storing a batch failed, its publishes are not acknowledged: {e}",
+                self.name
+            );
+            let stored = self.store.state().last_seq;
+            results.resize_with(batch.len(), || Err(ApiError::store_failed(&e)));
+            for r in &mut results {
+                if matches!(r, Ok(ack) if ack.seq > stored) {
+                    *r = Err(ApiError::store_failed(&e));
+                }
+            }
+            // Ids recorded for messages that were not stored would make
+            // their retries look like duplicates.
+            self.rebuild_dedup();
+        }
+        results
+    }
+
+    /// Checks one message's headers against the stream and stages it.
+    fn store_one(
+        &self,
+        writer: &mut dyn StoreWriter,
+        config: &StreamConfig,
+        dedup: &mut Dedup,
+        m: &Message,
+        now: i64,
+    ) -> Result<PubAck, ApiError> {
         if config.sealed {
             return Err(ApiError::new(
                 400,
@@ -679,23 +734,20 @@ impl Stream {
                 return Err(ApiError::new(400, 10060, "expected stream does not match"));
             }
         }
-        let mut dedup = self.dedup.lock();
-        dedup.prune(now, config.duplicate_window);
         let msg_id = header_str(headers, "Nats-Msg-Id").filter(|id| !id.is_empty());
         if let Some(seq) = msg_id.and_then(|id| dedup.ids.get(id)) {
             return Ok(PubAck {
-                stream: self.name.clone(),
                 seq: *seq,
                 duplicate: true,
             });
         }
-        let state = self.store.state();
         if let Some(expected) = header_str(headers, "Nats-Expected-Last-Sequence") {
-            if expected.parse::<u64>().ok() != Some(state.last_seq) {
+            let last = writer.last_seq();
+            if expected.parse::<u64>().ok() != Some(last) {
                 return Err(ApiError::new(
                     400,
                     10071,
-                    format!("wrong last sequence: {}", state.last_seq),
+                    format!("wrong last sequence: {last}"),
                 ));
             }
         }
@@ -710,11 +762,7 @@ impl Stream {
             }
         }
         if let Some(expected) = header_str(headers, "Nats-Expected-Last-Subject-Sequence") {
-            let last = self
-                .store
-                .last_for_subject(m.subject())
-                .map_err(ApiError::store_failed)?
-                .map_or(0, |s| s.seq);
+            let last = writer.last_seq_for_subject(m.subject());
             if expected.parse::<u64>().ok() != Some(last) {
                 return Err(ApiError::new(
                     400,
@@ -723,28 +771,53 @@ impl Stream {
                 ));
             }
         }
-        let seq = self
-            .store
+        let seq = writer
             .append(m.subject(), m.header_len().unwrap_or(0), m.payload(), now)
             .map_err(store_error)?;
         if let Some(id) = msg_id {
             dedup.record(id, seq, now);
         }
         Ok(PubAck {
-            stream: self.name.clone(),
             seq,
             duplicate: false,
         })
     }
 }
 
-/// The reply to a stored publish.
-#[derive(Serialize)]
+/// The reply to a stored publish (the stream's name is added when it is
+/// encoded, see [`Stream::encode_reply`]).
+#[derive(Clone, Copy, Debug)]
 struct PubAck {
-    stream: String,
     seq: u64,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     duplicate: bool,
+}
+
+/// Appends a publish's answer as nats-server writes it:
+/// `{"stream":"NAME","seq":N}` (with `"duplicate":true` for a duplicate),
+/// or `{"error":{...}}`. `ack_prefix` is the stream's [`ack_prefix`].
+fn encode_reply(ack_prefix: &[u8], out: &mut BytesMut, result: &Result<PubAck, ApiError>) {
+    match result {
+        Ok(ack) => {
+            out.extend_from_slice(ack_prefix);
+            out.extend_from_slice(itoa::Buffer::new().format(ack.seq).as_bytes());
+            if ack.duplicate {
+                out.extend_from_slice(b",\"duplicate\":true");
+            }
+            out.extend_from_slice(b"}");
+        }
+        Err(error) => {
+            let body = serde_json::json!({ "error": error });
+            let _ = serde_json::to_writer(out.writer(), &body);
+        }
+    }
+}
+
+/// The start of a PubAck's JSON, with the stream's name escaped once.
+fn ack_prefix(name: &str) -> Vec<u8> {
+    let mut prefix = b"{\"stream\":".to_vec();
+    let _ = serde_json::to_writer(&mut prefix, name);
+    prefix.extend_from_slice(b",\"seq\":");
+    prefix
 }
 
 /// The stream's subscription on its subjects: queues a copy of each
@@ -765,9 +838,9 @@ impl InternalSubscriber for Ingest {
         if !budget || stream.ingest.try_send(owned).is_err() {
             stream.ingest_bytes.fetch_sub(size, Ordering::Relaxed);
             if let (Some(server), Some(reply)) = (stream.server_state(), msg.reply()) {
-                let error = ApiError::new(429, 10167, "too many requests");
-                let body =
-                    serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default();
+                let mut body = BytesMut::new();
+                let busy = Err(ApiError::new(429, 10167, "too many requests"));
+                encode_reply(&stream.ack_prefix, &mut body, &busy);
                 server.send_internal(reply, &Message::new(reply, None, None, &body));
             }
         }
@@ -801,5 +874,48 @@ async fn ingest_loop(
         {
             tracing::error!("stream ingest batch panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_json(name: &str, result: Result<PubAck, ApiError>) -> serde_json::Value {
+        let mut out = BytesMut::new();
+        encode_reply(&ack_prefix(name), &mut out, &result);
+        serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null)
+    }
+
+    #[test]
+    fn pub_ack_is_the_json_clients_parse() {
+        let ack = PubAck {
+            seq: 42,
+            duplicate: false,
+        };
+        let json = reply_json(r#"od"d\ers"#, Ok(ack));
+        assert_eq!(
+            json,
+            serde_json::json!({"stream": r#"od"d\ers"#, "seq": 42})
+        );
+        let dup = PubAck {
+            seq: 7,
+            duplicate: true,
+        };
+        let json = reply_json("ORDERS", Ok(dup));
+        assert_eq!(
+            json,
+            serde_json::json!({"stream": "ORDERS", "seq": 7, "duplicate": true})
+        );
+    }
+
+    #[test]
+    fn a_refused_publish_gets_an_api_error() {
+        let json = reply_json(
+            "ORDERS",
+            Err(ApiError::new(429, 10167, "too many requests")),
+        );
+        assert_eq!(json["error"]["code"], 429);
+        assert_eq!(json["error"]["err_code"], 10167);
     }
 }
