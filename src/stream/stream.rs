@@ -3,9 +3,10 @@
 //!
 //! Ingest: the stream's [`InternalSubscriber`] copies each captured message
 //! into a bounded queue (a full queue answers 503 rather than growing); the
-//! ingest task stores whatever has queued up as one batch on the blocking
-//! pool and, with `sync = "always"`, fsyncs once for the whole batch before
-//! any of its PubAcks is sent. De-duplication (`Nats-Msg-Id`) and the
+//! ingest task stores whatever has queued up as one batch (one store write)
+//! on the blocking pool and, with `sync = "always"`, fsyncs once for the
+//! whole batch before any of its PubAcks is sent; the fsync of one batch
+//! overlaps the write of the next. De-duplication (`Nats-Msg-Id`) and the
 //! `Nats-Expected-*` checks happen in store order, so they are exact.
 
 use std::collections::{HashMap, VecDeque};
@@ -614,11 +615,11 @@ impl Stream {
         }
     }
 
-    /// Stores a batch and answers each publish. Runs on the blocking pool.
-    fn store_batch(&self, batch: Vec<Message>) {
-        let queued: usize = batch.iter().map(|m| m.payload().len()).sum();
-        self.ingest_bytes.fetch_sub(queued, Ordering::Relaxed);
-        let mut results = self.write_batch(&batch);
+    /// Makes a written batch durable (with `sync = "always"`), wakes the
+    /// consumers and answers each publish. Runs on the blocking pool, while
+    /// the ingest task already writes the next batch.
+    fn finish_batch(&self, written: Written) {
+        let Written { batch, mut results } = written;
         let stored_any = results.iter().any(|r| matches!(r, Ok(a) if !a.duplicate));
         if stored_any && self.js().is_some_and(|js| js.sync_always()) {
             if let Err(e) = self.store.sync() {
@@ -665,7 +666,15 @@ impl Stream {
 
     /// Checks and stages every message of `batch` in one store writer, then
     /// commits them together: one write for the batch, not one per message.
-    fn write_batch(&self, batch: &[Message]) -> Vec<Result<PubAck, ApiError>> {
+    /// Runs on the blocking pool.
+    fn write_batch(&self, batch: Vec<Message>) -> Written {
+        let queued: usize = batch.iter().map(|m| m.payload().len()).sum();
+        self.ingest_bytes.fetch_sub(queued, Ordering::Relaxed);
+        let results = self.store_all(&batch);
+        Written { batch, results }
+    }
+
+    fn store_all(&self, batch: &[Message]) -> Vec<Result<PubAck, ApiError>> {
         let now = now_nanos();
         let mut results = Vec::with_capacity(batch.len());
         // Lock order: config, dedup, then the store (as `rebuild_dedup`).
@@ -848,11 +857,26 @@ impl InternalSubscriber for Ingest {
     }
 }
 
+/// A batch written to the store, with each publish's outcome so far.
+struct Written {
+    batch: Vec<Message>,
+    results: Vec<Result<PubAck, ApiError>>,
+}
+
+/// Written batches waiting for their fsync and PubAcks: while one is being
+/// fsynced the next is written, so a publisher's window of unacknowledged
+/// messages is not idle for a whole write-then-fsync round.
+const WRITTEN_MAX: usize = 2;
+
+/// Takes what has queued up (at most [`BATCH_MAX`]) as one batch, writes
+/// it, and passes it on to [`answer_loop`].
 async fn ingest_loop(
     stream: Weak<Stream>,
     mut rx: mpsc::Receiver<Message>,
     stopped: CancellationToken,
 ) {
+    let (written_tx, written_rx) = mpsc::channel(WRITTEN_MAX);
+    tokio::spawn(answer_loop(stream.clone(), written_rx));
     loop {
         let first = tokio::select! {
             _ = stopped.cancelled() => return,
@@ -868,11 +892,28 @@ async fn ingest_loop(
         let Some(s) = stream.upgrade() else {
             return;
         };
-        if tokio::task::spawn_blocking(move || s.store_batch(batch))
+        let Ok(written) = tokio::task::spawn_blocking(move || s.write_batch(batch)).await else {
+            tracing::error!("stream ingest batch panicked");
+            continue;
+        };
+        if written_tx.send(written).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Finishes written batches in order (see [`Stream::finish_batch`]); ends
+/// when the ingest task has gone and every batch it wrote is answered.
+async fn answer_loop(stream: Weak<Stream>, mut rx: mpsc::Receiver<Written>) {
+    while let Some(written) = rx.recv().await {
+        let Some(s) = stream.upgrade() else {
+            return;
+        };
+        if tokio::task::spawn_blocking(move || s.finish_batch(written))
             .await
             .is_err()
         {
-            tracing::error!("stream ingest batch panicked");
+            tracing::error!("stream PubAck batch panicked");
         }
     }
 }
