@@ -30,6 +30,9 @@ pub struct ServerInfo {
     pub tls_required: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connect_urls: Vec<String>,
+    /// Random per connection when nkey users exist: the client signs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 /// What a client says in `CONNECT`. Every field is optional: one the client
@@ -79,5 +82,17 @@ pub struct ConnectError(#[from] serde_json::Error);
 impl ConnectOptions {
     pub fn from_json(json: &[u8]) -> Result<ConnectOptions, ConnectError> {
         Ok(serde_json::from_slice(json)?)
+    }
+
+    /// A copy safe to log: password, token, signature and JWT replaced.
+    pub fn redacted(&self) -> ConnectOptions {
+        let hide = |v: &Option<String>| v.as_ref().map(|_| "[REDACTED]".to_string());
+        ConnectOptions {
+            pass: hide(&self.pass),
+            auth_token: hide(&self.auth_token),
+            sig: hide(&self.sig),
+            jwt: hide(&self.jwt),
+            ..self.clone()
+        }
     }
 }
