@@ -251,3 +251,62 @@ impl PermissionsConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::time::Duration;
+
+    fn parse(table: &str) -> Result<Config, String> {
+        Config::from_toml(&format!("[authorization]\n{table}")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn users_permissions_and_timeout_are_read() {
+        let c = parse(
+            "timeout = 3\n[[authorization.users]]\nuser = \"a\"\npassword = \"p\"\n\
+             permissions = { publish = \"x\", subscribe = { deny = [\"y.>\"] }, \
+             allow_responses = { max = 3, expires = \"1m\" } }\n",
+        )
+        .unwrap();
+        let auth = c.authorization.unwrap();
+        assert_eq!(auth.timeout, Duration::from_secs(3));
+        let perms = auth.users[0].permissions.as_ref().unwrap();
+        let limits = perms.allow_responses.as_ref().unwrap().limits();
+        assert_eq!(limits, Some((3, Duration::from_secs(60))));
+        let defaults = parse("token = \"t\"\n").unwrap().authorization.unwrap();
+        assert_eq!(defaults.timeout, super::DEFAULT_AUTH_TIMEOUT);
+    }
+
+    #[test]
+    fn misspelt_keys_and_impossible_setups_are_refused() {
+        for (table, needle) in [
+            ("tokn = \"t\"\n", "tokn"),
+            ("token = \"t\"\nuser = \"u\"\npassword = \"p\"\n", "one of"),
+            ("user = \"u\"\n", "together"),
+            (
+                "[[authorization.users]]\npassword = \"p\"\n",
+                "needs `user` or `nkey`",
+            ),
+            ("[[authorization.users]]\nnkey = \"SUAB\"\n", "public nkey"),
+            (
+                "[[authorization.users]]\nuser = \"a\"\n[[authorization.users]]\nuser = \"a\"\n",
+                "twice",
+            ),
+            (
+                "[[authorization.users]]\nuser = \"a\"\npermissions = { publish = [\"a..b\"] }\n",
+                "valid subject",
+            ),
+            ("timeout = \"0s\"\ntoken = \"t\"\n", "timeout"),
+        ] {
+            let err = parse(table).expect_err(table);
+            assert!(err.contains(needle), "{table}: {err}");
+        }
+        // A misspelt key inside permissions does not silently allow all.
+        assert!(parse(
+            "[[authorization.users]]\nuser = \"a\"\npassword = \"p\"\n\
+             permissions = { publish = { alow = [\"x\"] } }\n"
+        )
+        .is_err());
+    }
+}

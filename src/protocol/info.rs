@@ -96,3 +96,24 @@ impl ConnectOptions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_connect_hides_every_secret() {
+        let c = ConnectOptions::from_json(
+            br#"{"user":"u","pass":"pw1","auth_token":"tk2","sig":"sg3","jwt":"jw4","nkey":"UA"}"#,
+        )
+        .unwrap();
+        let shown = serde_json::to_string(&c.redacted()).unwrap();
+        for secret in ["pw1", "tk2", "sg3", "jw4"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("\"user\":\"u\"") && shown.contains("UA"),
+            "{shown}"
+        );
+    }
+}
