@@ -196,6 +196,11 @@ impl Authenticator {
         if plain {
             tracing::warn!("Plaintext passwords detected, use nkeys or bcrypt (skiff passwd)");
         }
+        for (name, u) in &users {
+            if matches!(u.credential, Credential::Certificate) {
+                tracing::info!("User {name:?} has no password: only a TLS client certificate mapped to it (verify_and_map) logs in as it");
+            }
+        }
         Authenticator {
             token: config.token.clone(),
             users,
