@@ -421,3 +421,58 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let argv = ["skiff", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).expect("flags parse").command {
+            Command::Serve(a) => a,
+            _ => panic!("not serve"),
+        }
+    }
+
+    #[test]
+    fn serve_flags_require_credentials() {
+        let config = serve_args(&["--user", "u", "--pass", "p"])
+            .config()
+            .unwrap();
+        let auth = config.authorization.expect("auth is on");
+        assert_eq!(auth.user.as_deref(), Some("u"));
+        assert_eq!(auth.password, Some(Secret("p".into())));
+        let config = serve_args(&["--auth", "t"]).config().unwrap();
+        assert_eq!(
+            config.authorization.unwrap().token,
+            Some(Secret("t".into()))
+        );
+        assert!(serve_args(&[]).config().unwrap().authorization.is_none());
+        assert!(Cli::try_parse_from(["skiff", "serve", "--user", "u"]).is_err());
+    }
+
+    #[test]
+    fn client_credentials_from_flags_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let file = dir.path().join("user.nk");
+        std::fs::write(&file, format!("# my key\n{seed}\n")).unwrap();
+        let parse = |args: &[&str]| {
+            let argv = ["skiff", "pub", "x"].iter().chain(args);
+            match Cli::try_parse_from(argv).expect("flags parse").command {
+                Command::Pub(a) => a.connect.credentials(),
+                _ => panic!("not pub"),
+            }
+        };
+        let path = file.to_str().unwrap();
+        assert_eq!(parse(&["--nkey", path]).unwrap().nkey_seed, Some(seed));
+        assert!(parse(&["--nkey", "/nonexistent"]).is_err());
+        let err = parse(&["--creds", path]).unwrap_err().to_string();
+        assert!(err.contains("not supported"), "{err}");
+        let c = parse(&["--user", "u", "--password", "p"]).unwrap();
+        assert_eq!(
+            (c.user.as_deref(), c.password.as_deref()),
+            (Some("u"), Some("p"))
+        );
+    }
+}
