@@ -7,8 +7,9 @@
 //! `"500ms"` or as a number of seconds; sizes `"1MB"`, `"64MiB"`, `"4KB"` or a
 //! number of bytes.
 //!
-//! Later layers add their own tables (`[tls]`, `[authorization]`,
-//! `[cluster]`, `[http]`) beside `[jetstream]`.
+//! Later layers add their own tables (`[tls]`, `[cluster]`, `[http]`)
+//! beside `[jetstream]` and `[authorization]` (whose types live in
+//! [`crate::auth::config`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

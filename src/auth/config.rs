@@ -184,8 +184,11 @@ impl AuthorizationConfig {
             return invalid("user and password go together".into());
         }
         let methods = [self.token.is_some(), single_user, !self.users.is_empty()];
-        if methods.iter().filter(|&&m| m).count() > 1 {
-            return invalid("use one of token, user/password, or users".into());
+        match methods.iter().filter(|&&m| m).count() {
+            // Nobody could ever log in: surely not what was meant.
+            0 => return invalid("give a token, a user and password, or users".into()),
+            1 => {}
+            _ => return invalid("use one of token, user/password, or users".into()),
         }
         if let Some(p) = &self.default_permissions {
             p.validate()?;
@@ -298,6 +301,7 @@ mod tests {
                 "valid subject",
             ),
             ("timeout = \"0s\"\ntoken = \"t\"\n", "timeout"),
+            ("timeout = \"5s\"\n", "give a token"),
         ] {
             let err = parse(table).expect_err(table);
             assert!(err.contains(needle), "{table}: {err}");
