@@ -479,3 +479,31 @@ async fn example_auth_config_is_valid_and_works() {
 async fn flush_round_trip(client: &async_nats::Client) {
     within("a flush", client.flush()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_pipelined_after_connect_wait_for_the_verdict() {
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let server = start_auth(&format!(
+        "[[authorization.users]]\nuser = \"bob\"\npassword = \"{hash}\"\n"
+    ))
+    .await;
+    let pipelined = |pass: &str| {
+        format!(
+            "CONNECT {{\"verbose\":true,\"user\":\"bob\",\"pass\":\"{pass}\"}}\r\n\
+             SUB a 1\r\nPUB a 1\r\nx\r\nPING\r\n"
+        )
+    };
+    let (mut raw, _) = Raw::connect_info(server.addr()).await;
+    raw.send(pipelined("pw")).await;
+    raw.expect("+OK\r\n+OK\r\n+OK\r\nMSG a 1 1\r\nx\r\nPONG\r\n")
+        .await;
+
+    // Refused: nothing after the CONNECT is handled.
+    let (mut raw, _) = Raw::connect_info(server.addr()).await;
+    raw.send(pipelined("wrong")).await;
+    assert_eq!(
+        String::from_utf8_lossy(&raw.read_to_close().await),
+        VIOLATION
+    );
+    server.shutdown().await;
+}

@@ -14,8 +14,9 @@
 //!   [`AuthError`]'s texts name at most the user.
 //! - Plain passwords and tokens are compared in constant time (`subtle`);
 //!   bcrypt hashes (`$2a$`, `$2b$`, ...) are verified by `bcrypt`. A bcrypt
-//!   check costs milliseconds by design and runs on the connection's reader
-//!   task: choose the cost (`skiff passwd --cost`) accordingly.
+//!   check costs milliseconds by design, so the connection judges CONNECT on
+//!   tokio's blocking pool (see `client::Connection::authenticate`), never on
+//!   a worker thread other connections share.
 //! - Without `[authorization]` nothing here runs: no INFO fields, no checks,
 //!   and connections carry no permissions (`None`), so they pay nothing.
 

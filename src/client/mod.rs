@@ -302,6 +302,8 @@ struct Connection {
     wakes: WakeList,
     /// Auth is required and CONNECT has not been accepted yet.
     awaiting_auth: bool,
+    /// A CONNECT waiting to be judged; set only while `awaiting_auth`.
+    pending_connect: Option<ConnectOptions>,
     /// The nonce this connection's INFO carried.
     nonce: Option<String>,
     /// The verified client certificate's identity, when the TLS layer maps
@@ -361,6 +363,7 @@ pub(crate) async fn serve_split<R, W>(
     ));
     let mut conn = Connection {
         awaiting_auth: server.auth.is_some(),
+        pending_connect: None,
         server,
         client,
         options: Options::default(),
@@ -423,7 +426,19 @@ impl Connection {
                         Ok(0) => return CloseReason::ClientClosed,
                         Ok(n) => {
                             buf.record(n, room);
-                            let result = self.process(&mut buf.buf);
+                            let mut result = self.process(&mut buf.buf);
+                            // A CONNECT to judge pauses the batch; the ops
+                            // after it wait for the verdict.
+                            while result.is_ok() {
+                                let Some(options) = self.pending_connect.take() else {
+                                    break;
+                                };
+                                self.wakes.wake_all();
+                                result = match self.authenticate(options).await {
+                                    Ok(()) => self.process(&mut buf.buf),
+                                    Err(reason) => Err(reason),
+                                };
+                            }
                             self.wakes.wake_all();
                             buf.settle();
                             if let Err(reason) = result {
@@ -444,7 +459,12 @@ impl Connection {
     fn process(&mut self, buf: &mut BytesMut) -> Result<(), CloseReason> {
         loop {
             match parse_client_op(buf, &self.server.limits) {
-                Ok(Some(op)) => self.handle(op)?,
+                Ok(Some(op)) => {
+                    self.handle(op)?;
+                    if self.pending_connect.is_some() {
+                        return Ok(());
+                    }
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.protocol_error(e)),
             }
@@ -507,15 +527,25 @@ impl Connection {
         CloseReason::AuthenticationViolation
     }
 
-    /// Checks the credentials of CONNECT, when auth is required, and takes
-    /// the user's permissions.
-    fn authenticate(&mut self, options: &ConnectOptions) -> Result<(), CloseReason> {
-        let Some(auth) = &self.server.auth else {
-            return Ok(());
-        };
-        let result = auth.authenticate(options, self.nonce.as_deref(), self.cert.as_ref());
-        let accepted = match result {
-            Ok(a) => a,
+    /// Checks the credentials of a CONNECT, takes the user's permissions,
+    /// then applies the CONNECT. The check runs on the blocking pool: a
+    /// bcrypt verification takes milliseconds by design, which must not
+    /// stall the other connections of this worker thread.
+    async fn authenticate(&mut self, options: ConnectOptions) -> Result<(), CloseReason> {
+        let server = Arc::clone(&self.server);
+        let (nonce, cert) = (self.nonce.clone(), self.cert.clone());
+        let judged = tokio::task::spawn_blocking(move || {
+            let auth = server.auth.as_ref()?;
+            Some(
+                auth.authenticate(&options, nonce.as_deref(), cert.as_ref())
+                    .map(|a| (a, options)),
+            )
+        })
+        .await;
+        let (accepted, options) = match judged {
+            Ok(Some(Ok(accepted))) => accepted,
+            Ok(Some(Err(e))) => return Err(self.auth_violation(&e)),
+            Ok(None) => return Err(self.auth_violation(&"no authenticator")),
             Err(e) => return Err(self.auth_violation(&e)),
         };
         self.awaiting_auth = false;
@@ -530,7 +560,7 @@ impl Connection {
             });
             self.permissions = Some(permissions);
         }
-        Ok(())
+        self.apply_connect(options)
     }
 
     fn connect(&mut self, json: &[u8]) -> Result<(), CloseReason> {
@@ -543,8 +573,15 @@ impl Connection {
             }
         };
         if self.awaiting_auth {
-            self.authenticate(&options)?;
+            // Judged by the read loop, off this thread: see `authenticate`.
+            self.pending_connect = Some(options);
+            return Ok(());
         }
+        self.apply_connect(options)
+    }
+
+    /// Takes the options of an accepted CONNECT.
+    fn apply_connect(&mut self, options: ConnectOptions) -> Result<(), CloseReason> {
         self.options.apply(&options);
         if self.options.no_responders && !self.options.headers {
             self.send_err(&"no responders requires headers support");
