@@ -13,7 +13,8 @@
 //! the subscription map (auto-unsubscribe removes entries from the
 //! publisher's task), and the kill switch.
 //!
-//! Authentication: when the server has an [`Authenticator`], INFO says
+//! Authentication: when the server has an
+//! [`Authenticator`](crate::auth::Authenticator), INFO says
 //! `auth_required` (with a nonce when nkey users exist), the first op must be
 //! a CONNECT with good credentials within the auth timeout, and anything
 //! else closes the connection. The accepted client's permissions are checked
