@@ -7,8 +7,9 @@
 //! `"500ms"` or as a number of seconds; sizes `"1MB"`, `"64MiB"`, `"4KB"` or a
 //! number of bytes.
 //!
-//! Later layers add their own tables (`[tls]`, `[authorization]`,
-//! `[cluster]`, `[http]`) beside `[jetstream]`.
+//! Later layers add their own tables (`[tls]`, `[cluster]`, `[http]`)
+//! beside `[jetstream]` and `[authorization]` (whose types live in
+//! [`crate::auth::config`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,6 +54,8 @@ pub struct Config {
     pub trace: bool,
     /// Durable streams.
     pub jetstream: JetStreamConfig,
+    /// Who may connect and what they may do (`None`: anyone, anything).
+    pub authorization: Option<crate::auth::AuthorizationConfig>,
 }
 
 /// The `[jetstream]` table.
@@ -128,6 +131,7 @@ impl Default for Config {
             debug: false,
             trace: false,
             jetstream: JetStreamConfig::default(),
+            authorization: None,
         }
     }
 }
@@ -221,6 +225,9 @@ impl Config {
         if self.ping_interval.is_zero() || self.write_deadline.is_zero() {
             return invalid("ping_interval and write_deadline must be greater than 0");
         }
+        if let Some(auth) = &self.authorization {
+            auth.validate()?;
+        }
         Ok(())
     }
 }
@@ -240,7 +247,7 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     }
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match NumberOrText::deserialize(d)? {
         NumberOrText::Number(n) => Ok(Duration::from_secs(n)),
         NumberOrText::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),

@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod protocol;

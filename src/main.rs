@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use skiff::auth::{AuthorizationConfig, Secret};
 use skiff::tools::bench::{self, BenchOptions, Scenario};
-use skiff::tools::{commands, DEFAULT_URL};
+use skiff::tools::{commands, passwd, Credentials, DEFAULT_URL};
 use skiff::units::{parse_duration, parse_size};
 use skiff::{Config, Server};
 
@@ -37,15 +38,71 @@ enum Command {
     Reply(ReplyArgs),
     /// Measure a NATS server (Skiff or another) under load.
     Bench(BenchArgs),
+    /// Print a bcrypt hash of a password (read from stdin, or asked for).
+    Passwd(PasswdArgs),
 }
 
-/// How the client commands reach a server. TLS and credential flags belong
-/// here too.
+#[derive(Args)]
+struct PasswdArgs {
+    /// bcrypt cost: each step doubles the time of every check.
+    #[arg(long, default_value_t = passwd::DEFAULT_COST)]
+    cost: u32,
+}
+
+/// How the client commands reach a server. TLS flags belong here too.
 #[derive(Args)]
 struct ConnectArgs {
-    /// Server URL.
+    /// Server URL (credentials may be given as nats://user:pass@host:port
+    /// or nats://token@host:port).
     #[arg(short = 's', long = "server", default_value = DEFAULT_URL)]
     server: String,
+    /// User name.
+    #[arg(long, requires = "password")]
+    user: Option<String>,
+    /// Password of --user.
+    #[arg(long, requires = "user")]
+    password: Option<String>,
+    /// Authentication token.
+    #[arg(long, conflicts_with_all = ["user", "nkey"])]
+    token: Option<String>,
+    /// File holding a user nkey seed (SU...).
+    #[arg(long, conflicts_with = "user")]
+    nkey: Option<PathBuf>,
+    /// NATS credentials file (JWT and seed): not supported.
+    #[arg(long)]
+    creds: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        if self.creds.is_some() {
+            anyhow::bail!(
+                "--creds: JWT credentials (operator mode) are not supported; \
+                 use --nkey with the seed, --user/--password or --token"
+            );
+        }
+        let nkey_seed = match &self.nkey {
+            Some(path) => Some(read_seed(path)?),
+            None => None,
+        };
+        Ok(Credentials {
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.token.clone(),
+            nkey_seed,
+        })
+    }
+}
+
+/// The user seed in an nkey file: its first line starting with `SU`.
+fn read_seed(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read nkey file {}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU"))
+        .map(str::to_string)
+        .with_context(|| format!("{} holds no user nkey seed (SU...)", path.display()))
 }
 
 #[derive(Args)]
@@ -194,6 +251,15 @@ struct ServeArgs {
     /// Log every protocol operation.
     #[arg(short = 'V', long)]
     trace: bool,
+    /// User required of clients (with --pass).
+    #[arg(long, requires = "pass")]
+    user: Option<String>,
+    /// Password required of clients (with --user).
+    #[arg(long, requires = "user")]
+    pass: Option<String>,
+    /// Token required of clients.
+    #[arg(long, conflicts_with = "user")]
+    auth: Option<String>,
 }
 
 impl ServeArgs {
@@ -214,6 +280,16 @@ impl ServeArgs {
         }
         config.debug |= self.debug;
         config.trace |= self.trace;
+        if self.user.is_some() || self.auth.is_some() {
+            // Layered on the file's table; conflicting methods are refused
+            // by validation.
+            let auth = config
+                .authorization
+                .get_or_insert_with(AuthorizationConfig::default);
+            auth.user = self.user.clone().or(auth.user.take());
+            auth.password = self.pass.clone().map(Secret).or(auth.password.take());
+            auth.token = self.auth.clone().map(Secret).or(auth.token.take());
+        }
         Ok(config)
     }
 }
@@ -260,7 +336,9 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let report = bench::run(&args.options()).await?;
+    let mut options = args.options();
+    options.credentials = args.connect.credentials()?;
+    let report = bench::run(&options).await?;
     if args.json {
         println!("{}", report.json());
     } else if args.csv {
@@ -278,7 +356,8 @@ async fn subscribe(
     count: Option<u64>,
     reply_with: Option<&[u8]>,
 ) -> anyhow::Result<()> {
-    let mut conn = commands::listen(&connect.server, subject, queue).await?;
+    let credentials = connect.credentials()?;
+    let mut conn = commands::listen(&connect.server, &credentials, subject, queue).await?;
     eprintln!("Listening on \"{subject}\"");
     commands::receive(&mut conn, count, reply_with, &mut std::io::stdout().lock()).await?;
     Ok(())
@@ -289,7 +368,15 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Pub(a) => {
-            commands::publish(&a.connect.server, &a.subject, a.data.as_bytes(), a.count).await?;
+            let credentials = a.connect.credentials()?;
+            commands::publish(
+                &a.connect.server,
+                &credentials,
+                &a.subject,
+                a.data.as_bytes(),
+                a.count,
+            )
+            .await?;
             eprintln!(
                 "Published {} x {} bytes to \"{}\"",
                 a.count,
@@ -313,13 +400,79 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Req(a) => {
-            let (reply, rtt) =
-                commands::request(&a.connect.server, &a.subject, a.data.as_bytes(), a.timeout)
-                    .await?;
+            let credentials = a.connect.credentials()?;
+            let (reply, rtt) = commands::request(
+                &a.connect.server,
+                &credentials,
+                &a.subject,
+                a.data.as_bytes(),
+                a.timeout,
+            )
+            .await?;
             eprintln!("Received with rtt {rtt:?}");
             println!("{}", String::from_utf8_lossy(reply.data()));
             Ok(())
         }
         Command::Bench(args) => bench(args).await,
+        Command::Passwd(args) => {
+            let password = passwd::read_password()?;
+            println!("{}", passwd::hash(&password, args.cost)?);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let argv = ["skiff", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).expect("flags parse").command {
+            Command::Serve(a) => a,
+            _ => panic!("not serve"),
+        }
+    }
+
+    #[test]
+    fn serve_flags_require_credentials() {
+        let config = serve_args(&["--user", "u", "--pass", "p"])
+            .config()
+            .unwrap();
+        let auth = config.authorization.expect("auth is on");
+        assert_eq!(auth.user.as_deref(), Some("u"));
+        assert_eq!(auth.password, Some(Secret("p".into())));
+        let config = serve_args(&["--auth", "t"]).config().unwrap();
+        assert_eq!(
+            config.authorization.unwrap().token,
+            Some(Secret("t".into()))
+        );
+        assert!(serve_args(&[]).config().unwrap().authorization.is_none());
+        assert!(Cli::try_parse_from(["skiff", "serve", "--user", "u"]).is_err());
+    }
+
+    #[test]
+    fn client_credentials_from_flags_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let file = dir.path().join("user.nk");
+        std::fs::write(&file, format!("# my key\n{seed}\n")).unwrap();
+        let parse = |args: &[&str]| {
+            let argv = ["skiff", "pub", "x"].iter().chain(args);
+            match Cli::try_parse_from(argv).expect("flags parse").command {
+                Command::Pub(a) => a.connect.credentials(),
+                _ => panic!("not pub"),
+            }
+        };
+        let path = file.to_str().unwrap();
+        assert_eq!(parse(&["--nkey", path]).unwrap().nkey_seed, Some(seed));
+        assert!(parse(&["--nkey", "/nonexistent"]).is_err());
+        let err = parse(&["--creds", path]).unwrap_err().to_string();
+        assert!(err.contains("not supported"), "{err}");
+        let c = parse(&["--user", "u", "--password", "p"]).unwrap();
+        assert_eq!(
+            (c.user.as_deref(), c.password.as_deref()),
+            (Some("u"), Some("p"))
+        );
     }
 }

@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
 use crate::client::{self, ClientShared, WakeList};
 use crate::config::Config;
 use crate::protocol::{Limits, Message, ServerInfo};
@@ -124,6 +125,8 @@ pub(crate) struct ServerState {
     pub addr: SocketAddr,
     pub info: ServerInfo,
     pub limits: Limits,
+    /// Set when `[authorization]` is configured.
+    pub auth: Option<Authenticator>,
     pub sublist: Sublist<Arc<Subscription>>,
     pub clients: DashMap<u64, Arc<ClientShared>>,
     /// Durable streams, when enabled.
@@ -150,8 +153,10 @@ impl ServerState {
             headers: true,
             jetstream: config.jetstream.enabled,
             max_payload: config.max_payload,
+            auth_required: config.authorization.is_some(),
             ..ServerInfo::default()
         };
+        let auth = config.authorization.as_ref().map(Authenticator::new);
         let limits = Limits {
             max_control_line: config.max_control_line,
             max_payload: config.max_payload,
@@ -161,6 +166,7 @@ impl ServerState {
             addr,
             info,
             limits,
+            auth,
             sublist: Sublist::new(),
             clients: DashMap::new(),
             jetstream: OnceLock::new(),

@@ -75,6 +75,29 @@ pub fn patterns_overlap(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// Whether every subject `pattern` matches is also matched by `of`: a
+/// subscription to `pattern` can only ever receive what `of` allows
+/// (permission checks on wildcard subscriptions).
+pub fn pattern_is_subset(pattern: &[u8], of: &[u8]) -> bool {
+    let mut p_tokens = tokens(pattern);
+    for o in tokens(of) {
+        let Some(p) = p_tokens.next() else {
+            return false;
+        };
+        if o == FULL_WILDCARD {
+            return true;
+        }
+        // `>` in `pattern` reaches any depth; only `>` in `of` covers it.
+        if p == FULL_WILDCARD || (p == SINGLE_WILDCARD && o != SINGLE_WILDCARD) {
+            return false;
+        }
+        if o != SINGLE_WILDCARD && o != p {
+            return false;
+        }
+    }
+    p_tokens.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +135,20 @@ mod tests {
         assert!(!patterns_overlap(b"orders.*", b"orders.eu.x"));
         assert!(!patterns_overlap(b"a", b"a.>"));
         assert!(!patterns_overlap(b"a.b", b"a.c"));
+    }
+
+    #[test]
+    fn subset_patterns() {
+        assert!(pattern_is_subset(b"a.b", b"a.*"));
+        assert!(pattern_is_subset(b"a.*", b"a.*"));
+        assert!(pattern_is_subset(b"a.*.c", b"a.>"));
+        assert!(pattern_is_subset(b"a.>", b"a.>"));
+        assert!(pattern_is_subset(b"a.>", b">"));
+        assert!(!pattern_is_subset(b"a.>", b"a.*"));
+        assert!(!pattern_is_subset(b"a.*", b"a.b"));
+        assert!(!pattern_is_subset(b"a", b"a.>"));
+        assert!(!pattern_is_subset(b"a.b.c", b"a.*"));
+        assert!(!pattern_is_subset(b"a.b", b"a.b.c"));
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct Subscription {
     /// nats-server's `UNSUB sid max` semantics.
     max: AtomicU64,
     delivered: AtomicU64,
+    /// The client's permissions deny some subjects this wildcard matches:
+    /// each delivery asks them first. Unset for all other subscriptions, so
+    /// they pay nothing.
+    deny_filter: bool,
 }
 
 impl PartialEq for Subscription {
@@ -78,7 +82,15 @@ impl Subscription {
             subscriber,
             max: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            deny_filter: false,
         }
+    }
+
+    /// Marks a client subscription that overlaps subjects its client may
+    /// not receive (see [`crate::auth::SubscribeCheck::Filtered`]).
+    pub fn with_deny_filter(mut self) -> Self {
+        self.deny_filter = true;
+        self
     }
 
     /// The client behind this subscription, if it is one.
@@ -99,6 +111,14 @@ impl Subscription {
     /// Hands `msg` to the subscriber. Wake-ups are collected in `wakes` so a
     /// whole read batch costs each writer one wake.
     pub fn deliver(&self, msg: &Message, wakes: &mut WakeList) -> Delivery {
+        // Checked before counting: a filtered message is not one of `max`.
+        if self.deny_filter {
+            if let Subscriber::Client(client) = &self.subscriber {
+                if client.denies_delivery(msg.subject()) {
+                    return Delivery::Skipped;
+                }
+            }
+        }
         let n = self.delivered.fetch_add(1, Ordering::Relaxed) + 1;
         let max = self.max.load(Ordering::Relaxed);
         if max > 0 && n > max {

@@ -53,3 +53,37 @@ fn sublist_corpus() {
 fn connect_json_corpus() {
     replay("connect_json", checks::connect_json);
 }
+
+#[test]
+fn connect_auth_corpus() {
+    replay("connect_auth", checks::connect_auth);
+}
+
+/// The seed inputs reach acceptance, so the fuzzer starts from both sides
+/// of every check rather than only from refusals.
+#[test]
+fn connect_auth_seeds_include_accepted_logins() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/connect_auth");
+    for seed in ["seed-plain", "seed-bcrypt", "seed-nkey", "seed-cert"] {
+        let data = std::fs::read(dir.join(seed)).unwrap();
+        let (flags, rest) = data.split_first().unwrap();
+        let (cert, json) = if flags & 2 == 2 {
+            let at = rest.iter().position(|&b| b == b'\n').unwrap();
+            let subject = String::from_utf8(rest[..at].to_vec()).unwrap();
+            let cert = skiff::auth::CertIdentity {
+                subject,
+                sans: Vec::new(),
+            };
+            (Some(cert), &rest[at + 1..])
+        } else {
+            (None, rest)
+        };
+        let connect = skiff::protocol::ConnectOptions::from_json(json).unwrap();
+        let accepted = checks::fixed_authenticator().authenticate(
+            &connect,
+            Some(checks::FUZZ_NONCE),
+            cert.as_ref(),
+        );
+        assert!(accepted.is_ok(), "{seed}: {:?}", accepted.err());
+    }
+}

@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 
 use bytes::{BufMut, BytesMut};
+use skiff::auth::config::{PermissionsConfig, SubjectRulesConfig, UserConfig};
+use skiff::auth::{AuthError, Authenticator, AuthorizationConfig, CertIdentity, Secret};
 use skiff::protocol::{
     encode_connect, encode_msg_header, encode_pub_header, encode_sub, encode_unsub,
     parse_client_op, parse_server_op, ClientOp, ConnectOptions, Limits, Message, ProtocolError,
@@ -387,6 +389,122 @@ pub fn connect_json(data: &[u8]) {
     assert_eq!(&sent[..], &json[..]);
     let again = ConnectOptions::from_json(&sent).expect("re-decodes");
     assert_eq!(serde_json::to_vec(&again).unwrap(), json);
+}
+
+// ---------------------------------------------------------------------------
+// CONNECT authentication
+// ---------------------------------------------------------------------------
+
+/// The nkey user of [`fixed_authenticator`] (its seed signs the seed corpus:
+/// `SUAB7RWLFBDMCTU2DH7BA7IKJ6JFFU5Q6XXNKGCZSJ4M7WE5URNDXDB75M`).
+pub const FUZZ_NKEY: &str = "UAJQ3QSMEM7J462Y75V75IBHCLXVH4V4GNUGGP4QUA4ZEZDJMPGYIJZ6";
+/// The nonce the connect_auth target's connections were sent.
+pub const FUZZ_NONCE: &str = "fuzz-nonce";
+/// Plain, bcrypt (of `bcrypt-pw`, cost 4) and certificate-only users.
+const FUZZ_PLAIN: (&str, &str) = ("plain", "plain-pw");
+const FUZZ_BCRYPT: (&str, &str) = (
+    "hashed",
+    "$2b$04$2YXUsdAkrl.bxa/gOPVF2O.KVI2jyphHyOO/x9dTgVbGqXktkKRZO",
+);
+const FUZZ_CERT_USER: &str = "CN=device";
+
+/// An authenticator with one user of each kind, made once.
+pub fn fixed_authenticator() -> &'static Authenticator {
+    static AUTH: std::sync::OnceLock<Authenticator> = std::sync::OnceLock::new();
+    AUTH.get_or_init(|| {
+        let limited = PermissionsConfig {
+            publish: Some(SubjectRulesConfig::List(vec!["a.>".into()])),
+            ..PermissionsConfig::default()
+        };
+        let user = |name: &str, password: Option<&str>| UserConfig {
+            user: Some(name.into()),
+            password: password.map(|p| Secret(p.into())),
+            permissions: Some(limited.clone()),
+            ..UserConfig::default()
+        };
+        let config = AuthorizationConfig {
+            users: vec![
+                user(FUZZ_PLAIN.0, Some(FUZZ_PLAIN.1)),
+                user(FUZZ_BCRYPT.0, Some(FUZZ_BCRYPT.1)),
+                user(FUZZ_CERT_USER, None),
+                UserConfig {
+                    nkey: Some(FUZZ_NKEY.into()),
+                    ..UserConfig::default()
+                },
+            ],
+            ..AuthorizationConfig::default()
+        };
+        config
+            .validate()
+            .expect("the fuzz authorization config is valid");
+        Authenticator::new(&config)
+    })
+}
+
+/// Fuzz target `connect_auth`: byte 0 chooses the nonce (bit 0: none) and
+/// whether a certificate identity comes with the connection (bit 1, its
+/// subject the next line of input); the rest is the CONNECT JSON. Judging
+/// never panics; whoever is accepted is one of the configured users and
+/// proved it; the redacted CONNECT shows no secret.
+pub fn connect_auth(data: &[u8]) {
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let (cert, json) = if flags & 2 == 2 {
+        let (line, json) = match rest.iter().position(|&b| b == b'\n') {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => (rest, &[][..]),
+        };
+        let subject = String::from_utf8_lossy(line).into_owned();
+        (
+            Some(CertIdentity {
+                subject,
+                sans: Vec::new(),
+            }),
+            json,
+        )
+    } else {
+        (None, rest)
+    };
+    let nonce = (flags & 1 == 0).then_some(FUZZ_NONCE);
+    let Ok(connect) = ConnectOptions::from_json(json) else {
+        return;
+    };
+    let shown = connect.redacted();
+    for secret in [&shown.pass, &shown.auth_token, &shown.sig, &shown.jwt] {
+        assert!(secret.as_deref().is_none_or(|s| s == "[REDACTED]"));
+    }
+    assert_eq!(shown.user, connect.user);
+    let auth = fixed_authenticator();
+    match auth.authenticate(&connect, nonce, cert.as_ref()) {
+        Ok(accepted) => {
+            let user = accepted.user.as_str();
+            match &cert {
+                Some(c) => assert_eq!((user, c.subject.as_str()), (FUZZ_CERT_USER, FUZZ_CERT_USER)),
+                None if user == FUZZ_NKEY => {
+                    assert_eq!(connect.nkey.as_deref(), Some(FUZZ_NKEY));
+                    assert!(nonce.is_some() && connect.sig.is_some());
+                }
+                None => {
+                    assert_eq!(connect.user.as_deref(), Some(user));
+                    let expected = if user == FUZZ_PLAIN.0 {
+                        FUZZ_PLAIN.1
+                    } else {
+                        "bcrypt-pw"
+                    };
+                    assert_eq!(connect.pass.as_deref(), Some(expected));
+                }
+            }
+            if let Some(p) = accepted.permissions {
+                assert!(p.can_publish(b"a.b"));
+                assert!(!p.can_publish(b"b"));
+            }
+        }
+        Err(AuthError::NoCredentials) => {
+            assert!(cert.is_none() && connect.nkey.is_none() && connect.user.is_none());
+        }
+        Err(_) => {}
+    }
 }
 
 // ---------------------------------------------------------------------------

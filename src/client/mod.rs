@@ -13,6 +13,14 @@
 //! the subscription map (auto-unsubscribe removes entries from the
 //! publisher's task), and the kill switch.
 //!
+//! Authentication: when the server has an
+//! [`Authenticator`](crate::auth::Authenticator), INFO says
+//! `auth_required` (with a nonce when nkey users exist), the first op must be
+//! a CONNECT with good credentials within the auth timeout, and anything
+//! else closes the connection. The accepted client's permissions are checked
+//! on each PUB (through a per-connection [`PublishCache`]) and SUB, and at
+//! delivery for subscriptions flagged by [`SubscribeCheck::Filtered`].
+//!
 //! Invariants: every exit path runs [`Connection::cleanup`], which removes all
 //! of the client's subscriptions from the sublist (breaking the
 //! `Subscription → ClientShared` reference cycle) and deregisters it.
@@ -27,7 +35,7 @@ use std::fmt;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -36,6 +44,10 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{
+    CertIdentity, PermissionViolation, Permissions, PublishCache, Replies, SubscribeCheck,
+    AUTH_TIMEOUT, AUTH_VIOLATION,
+};
 use crate::protocol::{
     encode_err, encode_info, parse_client_op, ClientOp, ConnectOptions, Message, ProtocolError, OK,
     PING, PONG,
@@ -63,6 +75,8 @@ pub enum CloseReason {
     StaleConnection,
     SlowConsumerPendingBytes,
     SlowConsumerWriteDeadline,
+    AuthenticationTimeout,
+    AuthenticationViolation,
 }
 
 impl fmt::Display for CloseReason {
@@ -78,6 +92,8 @@ impl fmt::Display for CloseReason {
             CloseReason::StaleConnection => "Stale Connection",
             CloseReason::SlowConsumerPendingBytes => "Slow Consumer (Pending Bytes)",
             CloseReason::SlowConsumerWriteDeadline => "Slow Consumer (Write Deadline)",
+            CloseReason::AuthenticationTimeout => "Authentication Timeout",
+            CloseReason::AuthenticationViolation => "Authentication Failure",
         })
     }
 }
@@ -95,6 +111,15 @@ pub struct ClientShared {
     headers: AtomicBool,
     subs: Mutex<HashMap<Bytes, Arc<Subscription>, ahash::RandomState>>,
     name: Mutex<String>,
+    /// Set once at CONNECT when the client's user has permissions.
+    auth: OnceLock<ClientAuth>,
+}
+
+/// What delivery to a client with permissions needs to know.
+struct ClientAuth {
+    permissions: Arc<Permissions>,
+    /// Reply subjects of requests delivered, when `allow_responses`.
+    replies: Option<Mutex<Replies>>,
 }
 
 impl ClientShared {
@@ -108,6 +133,7 @@ impl ClientShared {
             headers: AtomicBool::new(false),
             subs: Mutex::new(HashMap::default()),
             name: Mutex::new(String::new()),
+            auth: OnceLock::new(),
         }
     }
 
@@ -123,7 +149,38 @@ impl ClientShared {
         let pushed = self
             .outbound
             .push_msg(sid, msg, self.headers.load(Ordering::Relaxed));
-        self.after_push(pushed, wakes)
+        let queued = self.after_push(pushed, wakes);
+        if queued {
+            self.note_reply(msg);
+        }
+        queued
+    }
+
+    /// Remembers the reply subject of a request delivered to a client that
+    /// may answer requests (`allow_responses`).
+    fn note_reply(&self, msg: &Message) {
+        let (Some(reply), Some(auth)) = (msg.reply(), self.auth.get()) else {
+            return;
+        };
+        if let Some(replies) = &auth.replies {
+            replies.lock().record(reply, std::time::Instant::now());
+        }
+    }
+
+    /// Whether this client's permissions keep a message on `subject` from
+    /// it (asked only for subscriptions flagged at SUB).
+    pub(crate) fn denies_delivery(&self, subject: &[u8]) -> bool {
+        self.auth
+            .get()
+            .is_some_and(|a| a.permissions.denies_delivery(subject))
+    }
+
+    /// Uses up one allowed reply to `subject`, if there is one.
+    fn consume_reply(&self, subject: &[u8]) -> bool {
+        self.auth
+            .get()
+            .and_then(|a| a.replies.as_ref())
+            .is_some_and(|r| r.lock().consume(subject, std::time::Instant::now()))
     }
 
     fn after_push(
@@ -244,6 +301,18 @@ struct Connection {
     options: Options,
     pings_out: u32,
     wakes: WakeList,
+    /// Auth is required and CONNECT has not been accepted yet.
+    awaiting_auth: bool,
+    /// A CONNECT waiting to be judged; set only while `awaiting_auth`.
+    pending_connect: Option<ConnectOptions>,
+    /// The nonce this connection's INFO carried.
+    nonce: Option<String>,
+    /// The verified client certificate's identity, when the TLS layer maps
+    /// certificates to users (`verify_and_map`); `None` otherwise.
+    cert: Option<CertIdentity>,
+    /// The client's permissions (`None`: unrestricted, no checks at all).
+    permissions: Option<Arc<Permissions>>,
+    publish_cache: PublishCache,
 }
 
 /// Registers a newly accepted connection. Called on the accept loop itself,
@@ -278,6 +347,12 @@ pub(crate) async fn serve_split<R, W>(
     let mut info = server.info.clone();
     info.client_id = id;
     info.client_ip = addr.ip().to_string();
+    let nonce = server
+        .auth
+        .as_ref()
+        .filter(|a| a.needs_nonce())
+        .map(|_| crate::auth::Authenticator::new_nonce());
+    info.nonce = nonce.clone();
     let mut line = BytesMut::new();
     encode_info(&mut line, &info);
     let _ = client.outbound.push_bytes(&line);
@@ -288,11 +363,17 @@ pub(crate) async fn serve_split<R, W>(
         server.config.write_deadline,
     ));
     let mut conn = Connection {
+        awaiting_auth: server.auth.is_some(),
+        pending_connect: None,
         server,
         client,
         options: Options::default(),
         pings_out: 0,
         wakes: WakeList::default(),
+        nonce,
+        cert: None,
+        permissions: None,
+        publish_cache: PublishCache::default(),
     };
     let reason = conn.read_loop(reader).await;
     conn.cleanup(reason, write_task).await;
@@ -315,6 +396,11 @@ impl Connection {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let kill = self.client.kill.clone();
         let shutdown = self.server.shutdown.clone();
+        // Disabled by its guard once CONNECT is accepted (or when no auth
+        // is configured, where the period is never used).
+        let auth_timeout = self.server.auth.as_ref().map_or(period, |a| a.timeout());
+        let auth_deadline = tokio::time::sleep(auth_timeout);
+        tokio::pin!(auth_deadline);
         loop {
             let room = buf.prepare();
             tokio::select! {
@@ -323,6 +409,12 @@ impl Connection {
                     return self.client.kill_reason.lock().unwrap_or(CloseReason::WriteError);
                 }
                 _ = shutdown.cancelled() => return CloseReason::ServerShutdown,
+                _ = &mut auth_deadline, if self.awaiting_auth => {
+                    tracing::debug!("{} - {AUTH_TIMEOUT}", self.client);
+                    self.send_err(&AUTH_TIMEOUT);
+                    self.wakes.wake_all();
+                    return CloseReason::AuthenticationTimeout;
+                }
                 _ = ping.tick() => {
                     let result = self.ping_tick();
                     self.wakes.wake_all();
@@ -335,7 +427,19 @@ impl Connection {
                         Ok(0) => return CloseReason::ClientClosed,
                         Ok(n) => {
                             buf.record(n, room);
-                            let result = self.process(&mut buf.buf);
+                            let mut result = self.process(&mut buf.buf);
+                            // A CONNECT to judge pauses the batch; the ops
+                            // after it wait for the verdict.
+                            while result.is_ok() {
+                                let Some(options) = self.pending_connect.take() else {
+                                    break;
+                                };
+                                self.wakes.wake_all();
+                                result = match self.authenticate(options).await {
+                                    Ok(()) => self.process(&mut buf.buf),
+                                    Err(reason) => Err(reason),
+                                };
+                            }
                             self.wakes.wake_all();
                             buf.settle();
                             if let Err(reason) = result {
@@ -356,7 +460,12 @@ impl Connection {
     fn process(&mut self, buf: &mut BytesMut) -> Result<(), CloseReason> {
         loop {
             match parse_client_op(buf, &self.server.limits) {
-                Ok(Some(op)) => self.handle(op)?,
+                Ok(Some(op)) => {
+                    self.handle(op)?;
+                    if self.pending_connect.is_some() {
+                        return Ok(());
+                    }
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.protocol_error(e)),
             }
@@ -377,7 +486,11 @@ impl Connection {
 
     fn handle(&mut self, op: ClientOp) -> Result<(), CloseReason> {
         if self.server.config.trace {
-            tracing::trace!("{} - <<- {op:?}", self.client);
+            self.trace_op(&op);
+        }
+        if self.awaiting_auth && !matches!(op, ClientOp::Connect(_)) {
+            // nats-server: with auth required, the first op must be CONNECT.
+            return Err(self.auth_violation(&"operation before CONNECT"));
         }
         match op {
             ClientOp::Pub(msg) => self.publish(msg),
@@ -394,6 +507,63 @@ impl Connection {
         Ok(())
     }
 
+    /// Traces an op; CONNECT with its secrets redacted.
+    fn trace_op(&self, op: &ClientOp) {
+        match op {
+            ClientOp::Connect(json) => {
+                let shown = ConnectOptions::from_json(json)
+                    .ok()
+                    .and_then(|c| serde_json::to_string(&c.redacted()).ok())
+                    .unwrap_or_else(|| "(invalid JSON)".to_string());
+                tracing::trace!("{} - <<- CONNECT {shown}", self.client);
+            }
+            op => tracing::trace!("{} - <<- {op:?}", self.client),
+        }
+    }
+
+    /// Refuses the client: `-ERR 'Authorization Violation'`, then close.
+    fn auth_violation(&mut self, why: &dyn fmt::Display) -> CloseReason {
+        tracing::warn!("{} - authentication error: {why}", self.client);
+        self.send_err(&AUTH_VIOLATION);
+        CloseReason::AuthenticationViolation
+    }
+
+    /// Checks the credentials of a CONNECT, takes the user's permissions,
+    /// then applies the CONNECT. The check runs on the blocking pool: a
+    /// bcrypt verification takes milliseconds by design, which must not
+    /// stall the other connections of this worker thread.
+    async fn authenticate(&mut self, options: ConnectOptions) -> Result<(), CloseReason> {
+        let server = Arc::clone(&self.server);
+        let (nonce, cert) = (self.nonce.clone(), self.cert.clone());
+        let judged = tokio::task::spawn_blocking(move || {
+            let auth = server.auth.as_ref()?;
+            Some(
+                auth.authenticate(&options, nonce.as_deref(), cert.as_ref())
+                    .map(|a| (a, options)),
+            )
+        })
+        .await;
+        let (accepted, options) = match judged {
+            Ok(Some(Ok(accepted))) => accepted,
+            Ok(Some(Err(e))) => return Err(self.auth_violation(&e)),
+            Ok(None) => return Err(self.auth_violation(&"no authenticator")),
+            Err(e) => return Err(self.auth_violation(&e)),
+        };
+        self.awaiting_auth = false;
+        tracing::debug!("{} - authenticated as {:?}", self.client, accepted.user);
+        if let Some(permissions) = accepted.permissions {
+            let replies = permissions
+                .responses()
+                .map(|(max, expires)| Mutex::new(Replies::new(max, expires)));
+            let _ = self.client.auth.set(ClientAuth {
+                permissions: Arc::clone(&permissions),
+                replies,
+            });
+            self.permissions = Some(permissions);
+        }
+        self.apply_connect(options)
+    }
+
     fn connect(&mut self, json: &[u8]) -> Result<(), CloseReason> {
         let options = match ConnectOptions::from_json(json) {
             Ok(o) => o,
@@ -403,6 +573,16 @@ impl Connection {
                 return Err(CloseReason::ParseError);
             }
         };
+        if self.awaiting_auth {
+            // Judged by the read loop, off this thread: see `authenticate`.
+            self.pending_connect = Some(options);
+            return Ok(());
+        }
+        self.apply_connect(options)
+    }
+
+    /// Takes the options of an accepted CONNECT.
+    fn apply_connect(&mut self, options: ConnectOptions) -> Result<(), CloseReason> {
         self.options.apply(&options);
         if self.options.no_responders && !self.options.headers {
             self.send_err(&"no responders requires headers support");
@@ -423,6 +603,12 @@ impl Connection {
             self.send_err(&"Invalid Publish Subject");
             return;
         }
+        if !self.may_publish(msg.subject()) {
+            let violation = PermissionViolation::Publish(msg.subject().to_vec());
+            tracing::warn!("{} - {violation}", self.client);
+            self.send_err(&violation);
+            return;
+        }
         // nats-server acknowledges a verbose PUB before delivering it, so a
         // client subscribed to its own subject sees +OK before the MSG.
         self.ok();
@@ -433,6 +619,15 @@ impl Connection {
                 self.no_responders(reply);
             }
         }
+    }
+
+    /// Whether the client's permissions let it publish to `subject`: its
+    /// publish rules (cached per connection), else a reply it owes.
+    fn may_publish(&mut self, subject: &[u8]) -> bool {
+        let Some(permissions) = &self.permissions else {
+            return true;
+        };
+        self.publish_cache.can_publish(permissions, subject) || self.client.consume_reply(subject)
     }
 
     /// Tells the requester nobody listens: an `HMSG` with status 503 on its
@@ -455,6 +650,19 @@ impl Connection {
             self.send_err(&"Invalid Subject");
             return;
         }
+        let check = self
+            .permissions
+            .as_ref()
+            .map_or(SubscribeCheck::Allowed, |p| p.check_subscribe(&subject));
+        if check == SubscribeCheck::Refused {
+            let violation = PermissionViolation::Subscribe {
+                subject: subject.to_vec(),
+                queue: queue.as_ref().map(|q| q.to_vec()),
+            };
+            tracing::warn!("{} - {violation}", self.client);
+            self.send_err(&violation);
+            return;
+        }
         let sub = {
             let mut subs = self.client.subs.lock();
             let max = self.server.config.max_subscriptions;
@@ -466,12 +674,16 @@ impl Connection {
                 self.send_err(&"maximum subscriptions exceeded");
                 return;
             } else {
-                let sub = Arc::new(Subscription::new(
+                let mut sub = Subscription::new(
                     subject,
                     queue,
                     sid.clone(),
                     Subscriber::Client(Arc::clone(&self.client)),
-                ));
+                );
+                if check == SubscribeCheck::Filtered {
+                    sub = sub.with_deny_filter();
+                }
+                let sub = Arc::new(sub);
                 subs.insert(sid, Arc::clone(&sub));
                 Some(sub)
             }

@@ -30,6 +30,9 @@ pub struct ServerInfo {
     pub tls_required: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connect_urls: Vec<String>,
+    /// Random per connection when nkey users exist: the client signs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 /// What a client says in `CONNECT`. Every field is optional: one the client
@@ -79,5 +82,38 @@ pub struct ConnectError(#[from] serde_json::Error);
 impl ConnectOptions {
     pub fn from_json(json: &[u8]) -> Result<ConnectOptions, ConnectError> {
         Ok(serde_json::from_slice(json)?)
+    }
+
+    /// A copy safe to log: password, token, signature and JWT replaced.
+    pub fn redacted(&self) -> ConnectOptions {
+        let hide = |v: &Option<String>| v.as_ref().map(|_| "[REDACTED]".to_string());
+        ConnectOptions {
+            pass: hide(&self.pass),
+            auth_token: hide(&self.auth_token),
+            sig: hide(&self.sig),
+            jwt: hide(&self.jwt),
+            ..self.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_connect_hides_every_secret() {
+        let c = ConnectOptions::from_json(
+            br#"{"user":"u","pass":"pw1","auth_token":"tk2","sig":"sg3","jwt":"jw4","nkey":"UA"}"#,
+        )
+        .unwrap();
+        let shown = serde_json::to_string(&c.redacted()).unwrap();
+        for secret in ["pw1", "tk2", "sg3", "jw4"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("\"user\":\"u\"") && shown.contains("UA"),
+            "{shown}"
+        );
     }
 }

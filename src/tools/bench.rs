@@ -38,7 +38,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{self, Connection};
+use super::conn::{self, Connection, Credentials};
 use crate::protocol::Message;
 
 mod js;
@@ -100,6 +100,8 @@ impl Scenario {
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub url: String,
+    /// How the benchmark's connections log in.
+    pub credentials: Credentials,
     pub scenario: Scenario,
     /// Messages to publish in total (requests for `reqrep`).
     pub msgs: u64,
@@ -137,6 +139,7 @@ impl BenchOptions {
         let js = matches!(scenario, Scenario::JsPub | Scenario::JsConsume);
         BenchOptions {
             url: url.to_string(),
+            credentials: Credentials::default(),
             scenario,
             msgs: match scenario {
                 Scenario::Reqrep => 20_000,
@@ -610,8 +613,12 @@ impl Progress {
 }
 
 /// Connects, bounded by the run's deadline.
-async fn connect(url: &str, deadline: Instant) -> Result<Connection, conn::Error> {
-    within(deadline, Connection::connect(url)).await
+async fn connect(
+    url: &str,
+    credentials: &Credentials,
+    deadline: Instant,
+) -> Result<Connection, conn::Error> {
+    within(deadline, Connection::connect_with(url, credentials)).await
 }
 
 /// `work`, or [`conn::Error::Timeout`] once `deadline` passes.
@@ -627,11 +634,12 @@ async fn within<T>(
 /// A connection subscribed to `subject`, with the subscription in place.
 async fn subscriber(
     url: &str,
+    credentials: &Credentials,
     subject: &[u8],
     queue: Option<&[u8]>,
     deadline: Instant,
 ) -> Result<Connection, conn::Error> {
-    let mut conn = connect(url, deadline).await?;
+    let mut conn = connect(url, credentials, deadline).await?;
     conn.subscribe(subject, queue);
     within(deadline, conn.flush()).await?;
     Ok(conn)
@@ -818,11 +826,20 @@ async fn run_flow(options: &BenchOptions, deadline: Instant) -> Result<Report, B
     let mut subscribers = Vec::with_capacity(options.subs);
     for _ in 0..options.subs {
         let group = queue.then_some(QUEUE_GROUP);
-        subscribers.push(subscriber(&options.url, &subject, group, deadline).await?);
+        subscribers.push(
+            subscriber(
+                &options.url,
+                &options.credentials,
+                &subject,
+                group,
+                deadline,
+            )
+            .await?,
+        );
     }
     let mut publishers = Vec::with_capacity(options.pubs);
     for _ in 0..options.pubs {
-        publishers.push(connect(&options.url, deadline).await?);
+        publishers.push(connect(&options.url, &options.credentials, deadline).await?);
     }
     let server = publishers.first().map(server_name).unwrap_or_default();
 
@@ -955,7 +972,14 @@ async fn run_reqrep(options: &BenchOptions, deadline: Instant) -> Result<Report,
     let stop = CancellationToken::new();
     let mut repliers = Vec::with_capacity(options.subs);
     for _ in 0..options.subs {
-        let mut conn = subscriber(&options.url, subject, Some(QUEUE_GROUP), deadline).await?;
+        let mut conn = subscriber(
+            &options.url,
+            &options.credentials,
+            subject,
+            Some(QUEUE_GROUP),
+            deadline,
+        )
+        .await?;
         let (stop, limit) = (stop.clone(), options.msgs);
         repliers.push(tokio::spawn(async move {
             let mut error = None;
@@ -980,7 +1004,7 @@ async fn run_reqrep(options: &BenchOptions, deadline: Instant) -> Result<Report,
             error
         }));
     }
-    let mut requester = connect(&options.url, deadline).await?;
+    let mut requester = connect(&options.url, &options.credentials, deadline).await?;
     let server = server_name(&requester);
     let progress = Progress::start(options.progress, options.msgs, "requests", deadline);
     let mut latencies = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_NS, 3)
@@ -1054,13 +1078,16 @@ async fn run_conns(options: &BenchOptions, deadline: Instant) -> Result<Report, 
         .into_iter()
         .map(|(first, count)| {
             let url = options.url.clone();
+            let credentials = options.credentials.clone();
             let subject = options.subject.clone();
             let progress = Arc::clone(&progress.count);
             tokio::spawn(async move {
                 let mut held = Vec::with_capacity(count as usize);
                 for i in first..first + count {
                     let sub = format!("{subject}.{i}");
-                    held.push(subscriber(&url, sub.as_bytes(), None, deadline).await?);
+                    held.push(
+                        subscriber(&url, &credentials, sub.as_bytes(), None, deadline).await?,
+                    );
                     progress.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok::<_, conn::Error>(held)

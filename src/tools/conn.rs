@@ -19,11 +19,14 @@
 //! - Waiting methods are cancel-safe: dropped half-way (by a timeout, say)
 //!   they leave both buffers consistent, so the connection stays usable.
 //! - Nothing that comes from the network is unwrapped.
+//! - Credentials ([`Credentials`], or `user:pass@` / `token@` in the URL)
+//!   go only into CONNECT, and `Debug` never shows them.
 
 use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::{BufMut, BytesMut};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
@@ -51,8 +54,10 @@ const MAX_CONTROL_LINE: usize = 64 * 1024;
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid server URL `{0}`: expected nats://host:port or host:port")]
+    #[error("invalid server URL `{0}`: expected nats://[user:pass@|token@]host:port or host:port")]
     Url(String),
+    #[error("invalid nkey seed: {0}")]
+    Nkey(String),
     #[error("cannot connect to {addr}: {source}")]
     Connect {
         addr: String,
@@ -77,6 +82,66 @@ pub enum Error {
     NoResponders(String),
     #[error("a {size}-byte message exceeds the server's max_payload of {max} bytes")]
     MaxPayload { size: usize, max: usize },
+}
+
+/// How a client logs in: user and password, a token, or an nkey seed
+/// (which signs the server's nonce). Empty: no credentials.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// An nkey seed (`SU...`).
+    pub nkey_seed: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "[REDACTED]"))
+            .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
+            .field("nkey_seed", &self.nkey_seed.as_ref().map(|_| "[REDACTED]"))
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Fills what these credentials leave empty from the URL's userinfo:
+    /// `user:pass` or a lone token.
+    fn or_from_url(&self, userinfo: Option<&str>) -> Credentials {
+        let mut c = self.clone();
+        if c.user.is_none() && c.token.is_none() && c.nkey_seed.is_none() {
+            match userinfo.map(|u| u.split_once(':')) {
+                Some(Some((user, pass))) => {
+                    c.user = Some(user.to_string());
+                    c.password = Some(pass.to_string());
+                }
+                Some(None) => c.token = userinfo.map(str::to_string),
+                None => {}
+            }
+        }
+        c
+    }
+
+    /// Puts the credentials into CONNECT, signing `nonce` with the nkey.
+    fn apply(&self, options: &mut ConnectOptions, nonce: Option<&str>) -> Result<(), Error> {
+        options.user = self.user.clone();
+        options.pass = self.password.clone();
+        options.auth_token = self.token.clone();
+        if let Some(seed) = &self.nkey_seed {
+            let key =
+                nkeys::KeyPair::from_seed(seed.trim()).map_err(|e| Error::Nkey(e.to_string()))?;
+            options.nkey = Some(key.public_key());
+            if let Some(nonce) = nonce {
+                let sig = key
+                    .sign(nonce.as_bytes())
+                    .map_err(|e| Error::Nkey(e.to_string()))?;
+                options.sig = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What reading stopped at: a delivery, or the answer to one of our PINGs.
@@ -128,7 +193,14 @@ impl Connection {
     /// the server's INFO, sends CONNECT and returns once the server has
     /// answered a PING, i.e. has accepted the connection.
     pub async fn connect(url: &str) -> Result<Connection, Error> {
-        let addr = host_port(url)?;
+        Connection::connect_with(url, &Credentials::default()).await
+    }
+
+    /// [`Connection::connect`], logging in with `credentials` (those in the
+    /// URL are used when `credentials` has none).
+    pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Connection, Error> {
+        let (addr, userinfo) = parse_url(url)?;
+        let credentials = credentials.or_from_url(userinfo.as_deref());
         let stream = TcpStream::connect(&addr)
             .await
             .map_err(|source| Error::Connect { addr, source })?;
@@ -154,7 +226,7 @@ impl Connection {
         };
         // The server never delivers more than it accepts from a publisher.
         conn.limits.max_payload = conn.info.max_payload;
-        let options = ConnectOptions {
+        let mut options = ConnectOptions {
             verbose: Some(false),
             pedantic: Some(false),
             echo: Some(true),
@@ -165,6 +237,7 @@ impl Connection {
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
             ..ConnectOptions::default()
         };
+        credentials.apply(&mut options, conn.info.nonce.as_deref())?;
         encode_connect(&mut conn.write_buf, &options);
         conn.flush().await?;
         Ok(conn)
@@ -451,8 +524,9 @@ fn is_no_responders(message: &Message) -> bool {
     message.headers().starts_with(b"NATS/1.0 503")
 }
 
-/// `host:port` from a server URL, with the default port when none is given.
-fn host_port(url: &str) -> Result<String, Error> {
+/// `host:port` from a server URL, with the default port when none is given,
+/// and the URL's userinfo (`user:pass` or `token`) if it has one.
+fn parse_url(url: &str) -> Result<(String, Option<String>), Error> {
     let bad = || Error::Url(url.to_string());
     let rest = match url.trim().split_once("://") {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("nats") => rest,
@@ -460,7 +534,18 @@ fn host_port(url: &str) -> Result<String, Error> {
         None => url.trim(),
     };
     let rest = rest.trim_end_matches('/');
-    // Credentials in the URL and paths belong to later features.
+    let (userinfo, rest) = match rest.rsplit_once('@') {
+        Some(("", _)) => return Err(bad()),
+        Some((info, host)) => (Some(info.to_string()), host),
+        None => (None, rest),
+    };
+    Ok((host_port(rest).map_err(|_| bad())?, userinfo))
+}
+
+/// `host:port` from `host[:port]`, with the default port when none is given.
+fn host_port(rest: &str) -> Result<String, Error> {
+    let bad = || Error::Url(rest.to_string());
+    // Paths and lists of servers belong to later features.
     if rest.is_empty() || rest.contains(['@', '/', ',']) {
         return Err(bad());
     }
@@ -484,14 +569,61 @@ mod tests {
 
     #[test]
     fn urls_are_understood() {
-        assert_eq!(host_port("nats://1.2.3.4:5").unwrap(), "1.2.3.4:5");
-        assert_eq!(host_port("localhost").unwrap(), "localhost:4222");
-        assert_eq!(host_port("NATS://h/").unwrap(), "h:4222");
-        assert_eq!(host_port("[::1]").unwrap(), "[::1]:4222");
-        assert_eq!(host_port("[::1]:7").unwrap(), "[::1]:7");
-        for bad in ["http://h:1", "h:port", "", "u:p@h:1", ":4222", "a:1,b:2"] {
-            assert!(host_port(bad).is_err(), "{bad}");
+        let addr = |url: &str| parse_url(url).map(|(a, _)| a);
+        assert_eq!(addr("nats://1.2.3.4:5").unwrap(), "1.2.3.4:5");
+        assert_eq!(addr("localhost").unwrap(), "localhost:4222");
+        assert_eq!(addr("NATS://h/").unwrap(), "h:4222");
+        assert_eq!(addr("[::1]").unwrap(), "[::1]:4222");
+        assert_eq!(addr("[::1]:7").unwrap(), "[::1]:7");
+        for bad in ["http://h:1", "h:port", "", "@h:1", ":4222", "a:1,b:2", "u@"] {
+            assert!(addr(bad).is_err(), "{bad}");
         }
+        let (a, info) = parse_url("nats://u:p@h:1").unwrap();
+        assert_eq!((a.as_str(), info.as_deref()), ("h:1", Some("u:p")));
+        let c = Credentials::default().or_from_url(Some("u:p"));
+        assert_eq!(
+            (c.user.as_deref(), c.password.as_deref()),
+            (Some("u"), Some("p"))
+        );
+        let c = Credentials::default().or_from_url(Some("tok"));
+        assert_eq!(c.token.as_deref(), Some("tok"));
+        assert!(!format!("{c:?}").contains("tok\""), "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn logs_in_with_password_url_and_nkey() {
+        let key = nkeys::KeyPair::new_user();
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n[jetstream]\nenabled = false\n\
+             [[authorization.users]]\nuser = \"u\"\npassword = \"p\"\n\
+             [[authorization.users]]\nnkey = \"{}\"\n",
+            key.public_key()
+        );
+        let server = crate::Server::start(crate::Config::from_toml(&text).unwrap())
+            .await
+            .unwrap();
+        let addr = server.addr();
+        let mut by_url = Connection::connect(&format!("nats://u:p@{addr}"))
+            .await
+            .unwrap();
+        by_url.flush().await.unwrap();
+        let creds = Credentials {
+            nkey_seed: Some(key.seed().unwrap()),
+            ..Credentials::default()
+        };
+        let mut by_key = Connection::connect_with(&addr.to_string(), &creds)
+            .await
+            .unwrap();
+        by_key.flush().await.unwrap();
+        let err = Connection::connect(&format!("nats://u:wrong@{addr}"))
+            .await
+            .err()
+            .expect("a wrong password is refused");
+        assert!(
+            matches!(&err, Error::Server(t) if t == "Authorization Violation"),
+            "{err}"
+        );
+        server.shutdown().await;
     }
 
     #[tokio::test]

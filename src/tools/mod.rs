@@ -6,8 +6,9 @@
 pub mod bench;
 pub mod commands;
 pub mod conn;
+pub mod passwd;
 
-pub use conn::{Connection, Error, DEFAULT_URL};
+pub use conn::{Connection, Credentials, Error, DEFAULT_URL};
 
 /// A core-only server on a free loopback port, for the tools' tests.
 #[cfg(test)]

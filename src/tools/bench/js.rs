@@ -61,7 +61,7 @@ pub(super) async fn run_jspub(
     options: &BenchOptions,
     deadline: Instant,
 ) -> Result<Report, BenchError> {
-    let mut conn = connect(&options.url, deadline).await?;
+    let mut conn = connect(&options.url, &options.credentials, deadline).await?;
     let server = server_name(&conn);
     recreate_stream(&mut conn, options, deadline).await?;
     let progress = Progress::start(options.progress, options.msgs, "acked", deadline);
@@ -96,7 +96,7 @@ pub(super) async fn run_jsconsume(
     options: &BenchOptions,
     deadline: Instant,
 ) -> Result<Report, BenchError> {
-    let mut conn = connect(&options.url, deadline).await?;
+    let mut conn = connect(&options.url, &options.credentials, deadline).await?;
     let server = server_name(&conn);
     let mut errors = Vec::new();
     let stored = stream_messages(&mut conn, &options.stream, deadline).await?;
