@@ -28,6 +28,7 @@ use crate::protocol::{Limits, Message, ServerInfo};
 use crate::stream::JetStream;
 use crate::sublist::{InvalidSubject, Sublist};
 use crate::subscription::{Delivery, InternalSubscriber, Subscriber, Subscription};
+use crate::tls::{ReloadableTls, ServerTls};
 
 /// The version Skiff reports in INFO. Clients enable their modern code paths
 /// (headers, no-responders) from it, so it names the nats-server release
@@ -39,6 +40,8 @@ pub const PROTOCOL_VERSION: &str = "2.10.0";
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("durable streams: {0}")]
     JetStream(#[from] crate::stream::JetStreamError),
     #[error("cannot listen on {addr}: {source}")]
@@ -48,6 +51,17 @@ pub enum StartError {
     },
 }
 
+/// Why a reload was refused (the running settings stay as they were).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("turning TLS on or off needs a restart")]
+    TlsToggled,
+}
+
 /// The entry point: `Server::start(config).await` runs a server.
 pub struct Server;
 
@@ -55,6 +69,7 @@ impl Server {
     /// Validates `config`, binds the client listener and starts accepting.
     pub async fn start(config: Config) -> Result<ServerHandle, StartError> {
         config.validate()?;
+        let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
         let listener =
             TcpListener::bind(&config.listen)
                 .await
@@ -66,12 +81,15 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
-        let state = Arc::new(ServerState::new(config, addr));
+        let state = Arc::new(ServerState::new(config, addr, tls));
         tracing::info!("Starting skiff {}", env!("CARGO_PKG_VERSION"));
         tracing::info!("  Server ID: {}", state.info.server_id);
         if state.config.jetstream.enabled {
             let js = JetStream::start(&state, &state.config.jetstream)?;
             let _ = state.jetstream.set(js);
+        }
+        if state.tls.is_some() {
+            tracing::info!("TLS required for client connections");
         }
         tracing::info!("Listening for client connections on {addr}");
         let accept = tokio::spawn(accept_loop(Arc::clone(&state), listener));
@@ -103,6 +121,23 @@ impl ServerHandle {
         self.state.clients.len()
     }
 
+    /// Applies what can change while running from `config` (re-read from
+    /// its file on SIGHUP): for now the TLS certificate, key, CA and
+    /// settings. New connections use them; existing ones keep theirs. On
+    /// error nothing changes.
+    pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        config.validate()?;
+        match (&self.state.tls, &config.tls) {
+            (Some(current), Some(new)) => {
+                current.replace(ServerTls::load(new)?);
+                tracing::info!("Reloaded: tls");
+                Ok(())
+            }
+            (None, None) => Ok(()),
+            _ => Err(ReloadError::TlsToggled),
+        }
+    }
+
     /// Stops accepting, lets every client's queued output drain (each within
     /// `write_deadline`), closes them, and returns when all are gone.
     pub async fn shutdown(self) {
@@ -124,6 +159,8 @@ pub(crate) struct ServerState {
     pub addr: SocketAddr,
     pub info: ServerInfo,
     pub limits: Limits,
+    /// TLS for client connections, when configured; swapped by a reload.
+    pub tls: Option<ReloadableTls>,
     pub sublist: Sublist<Arc<Subscription>>,
     pub clients: DashMap<u64, Arc<ClientShared>>,
     /// Durable streams, when enabled.
@@ -134,7 +171,7 @@ pub(crate) struct ServerState {
 }
 
 impl ServerState {
-    fn new(config: Config, addr: SocketAddr) -> ServerState {
+    fn new(config: Config, addr: SocketAddr, tls: Option<ServerTls>) -> ServerState {
         let server_id = new_server_id();
         let info = ServerInfo {
             server_name: config
@@ -150,6 +187,7 @@ impl ServerState {
             headers: true,
             jetstream: config.jetstream.enabled,
             max_payload: config.max_payload,
+            tls_required: tls.is_some(),
             ..ServerInfo::default()
         };
         let limits = Limits {
@@ -161,6 +199,7 @@ impl ServerState {
             addr,
             info,
             limits,
+            tls: tls.map(ReloadableTls::new),
             sublist: Sublist::new(),
             clients: DashMap::new(),
             jetstream: OnceLock::new(),

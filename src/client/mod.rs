@@ -43,6 +43,7 @@ use crate::protocol::{
 use crate::server::ServerState;
 use crate::subject;
 use crate::subscription::{Subscriber, Subscription};
+use crate::tls::{self, PeerIdentity};
 use read_buffer::ReadBuffer;
 
 /// Most iovecs handed to one vectored write.
@@ -242,6 +243,10 @@ struct Connection {
     server: Arc<ServerState>,
     client: Arc<ClientShared>,
     options: Options,
+    /// The verified client certificate's identity (mutual TLS), which
+    /// `verify_and_map` authorization maps to a user.
+    #[allow(dead_code)]
+    identity: Option<PeerIdentity>,
     pings_out: u32,
     wakes: WakeList,
 }
@@ -256,32 +261,66 @@ pub(crate) fn register(server: &ServerState, addr: SocketAddr) -> Arc<ClientShar
     client
 }
 
-/// Serves one accepted TCP connection until it closes.
+/// Serves one accepted TCP connection until it closes: in plain text, or
+/// after a TLS handshake when the server requires TLS.
 pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, stream: TcpStream) {
-    let (reader, writer) = stream.into_split();
-    serve_split(server, client, reader, writer).await
+    let Some(tls) = server.tls.as_ref().map(|t| t.current()) else {
+        let _ = client
+            .outbound
+            .push_bytes(&info_line(&server, &client, false));
+        let (reader, writer) = stream.into_split();
+        return serve_split(server, client, reader, writer, None).await;
+    };
+    let info = info_line(&server, &client, tls.verify);
+    let handshake = tokio::select! {
+        result = tls::accept(&tls, stream, &info) => result,
+        _ = server.shutdown.cancelled() => Err(tls::HandshakeError::Closed),
+    };
+    match handshake {
+        Ok((stream, identity)) => {
+            if tls.handshake_first {
+                let _ = client.outbound.push_bytes(&info);
+            }
+            if let Some(identity) = &identity {
+                tracing::debug!("{client} - TLS client certificate: {identity}");
+            }
+            let (reader, writer) = tokio::io::split(stream);
+            serve_split(server, client, reader, writer, identity).await
+        }
+        Err(e) => {
+            // The client's doing (or its network's), not the server's: a
+            // warning, as nats-server logs it, naming the client.
+            tracing::warn!("{client} - {e}");
+            server.clients.remove(&client.id);
+        }
+    }
 }
 
-/// Serves a connection given as two halves, so that TLS streams can use the
-/// same code.
+/// The INFO this client is greeted with.
+fn info_line(server: &ServerState, client: &ClientShared, tls_verify: bool) -> BytesMut {
+    let mut info = server.info.clone();
+    info.client_id = client.id;
+    info.client_ip = client.addr.ip().to_string();
+    info.tls_verify = tls_verify;
+    let mut line = BytesMut::new();
+    encode_info(&mut line, &info);
+    line
+}
+
+/// Serves a connection given as two halves (of a TCP or a TLS stream) whose
+/// INFO has already been sent or queued. `identity` is what a verified
+/// client certificate proved, kept for authorization.
 pub(crate) async fn serve_split<R, W>(
     server: Arc<ServerState>,
     client: Arc<ClientShared>,
     reader: R,
     writer: W,
+    identity: Option<PeerIdentity>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     tracing::debug!("{client} - Client connection created");
-    let (id, addr) = (client.id, client.addr);
-    let mut info = server.info.clone();
-    info.client_id = id;
-    info.client_ip = addr.ip().to_string();
-    let mut line = BytesMut::new();
-    encode_info(&mut line, &info);
-    let _ = client.outbound.push_bytes(&line);
-
     let write_task = tokio::spawn(write_loop(
         Arc::clone(&client),
         writer,
@@ -291,6 +330,7 @@ pub(crate) async fn serve_split<R, W>(
         server,
         client,
         options: Options::default(),
+        identity,
         pings_out: 0,
         wakes: WakeList::default(),
     };
