@@ -5,13 +5,18 @@
 use std::io::Write;
 use std::time::Duration;
 
-use super::conn::{Connection, Error};
+use super::conn::{Connection, Endpoint, Error};
 use crate::protocol::Message;
 
 /// Publishes `data` to `subject` `count` times and returns once the server
 /// has processed every message.
-pub async fn publish(url: &str, subject: &str, data: &[u8], count: u64) -> Result<(), Error> {
-    let mut conn = Connection::connect(url).await?;
+pub async fn publish(
+    endpoint: &Endpoint,
+    subject: &str,
+    data: &[u8],
+    count: u64,
+) -> Result<(), Error> {
+    let mut conn = Connection::connect_to(endpoint).await?;
     for _ in 0..count {
         conn.publish(subject.as_bytes(), None, data).await?;
     }
@@ -20,8 +25,12 @@ pub async fn publish(url: &str, subject: &str, data: &[u8], count: u64) -> Resul
 
 /// Connects and subscribes to `subject` (in `queue` if given); returns once
 /// the server has the subscription in place.
-pub async fn listen(url: &str, subject: &str, queue: Option<&str>) -> Result<Connection, Error> {
-    let mut conn = Connection::connect(url).await?;
+pub async fn listen(
+    endpoint: &Endpoint,
+    subject: &str,
+    queue: Option<&str>,
+) -> Result<Connection, Error> {
+    let mut conn = Connection::connect_to(endpoint).await?;
     conn.subscribe(subject.as_bytes(), queue.map(str::as_bytes));
     conn.flush().await?;
     Ok(conn)
@@ -61,12 +70,12 @@ fn print_message(out: &mut impl Write, n: u64, message: &Message) -> std::io::Re
 /// Sends one request and waits up to `timeout` for its reply; returns the
 /// reply and the round-trip time.
 pub async fn request(
-    url: &str,
+    endpoint: &Endpoint,
     subject: &str,
     data: &[u8],
     timeout: Duration,
 ) -> Result<(Message, Duration), Error> {
-    let mut conn = Connection::connect(url).await?;
+    let mut conn = Connection::connect_to(endpoint).await?;
     let start = std::time::Instant::now();
     let reply = conn.request(subject.as_bytes(), data, timeout).await?;
     Ok((reply, start.elapsed()))
@@ -79,7 +88,7 @@ mod tests {
     #[tokio::test]
     async fn sub_prints_and_reply_answers() {
         let server = crate::tools::test_server().await;
-        let url = server.client_url();
+        let url = Endpoint::plain(&server.client_url()).unwrap();
 
         let mut sub = listen(&url, "greet.*", None).await.unwrap();
         publish(&url, "greet.en", b"hello", 2).await.unwrap();
