@@ -162,8 +162,10 @@ pub enum HandshakeError {
 /// Runs the server side of the handshake on `stream`. Unless the settings
 /// say `handshake_first`, `info` (the encoded INFO line) is written in plain
 /// text first. A client that sends something other than a ClientHello, or
-/// that is still not done at the deadline, is told [`TLS_REQUIRED_ERR`] in
-/// plain text (as nats-server does) and dropped.
+/// nothing before the deadline, is told [`TLS_REQUIRED_ERR`] in plain text
+/// (as nats-server does) and dropped. One that stalls after starting the
+/// handshake speaks TLS, to which plain text would be garbage: it is only
+/// dropped.
 pub async fn accept(
     tls: &ServerTls,
     mut stream: TcpStream,
@@ -172,9 +174,11 @@ pub async fn accept(
     if !tls.handshake_first {
         stream.write_all(info).await?;
     }
+    // One deadline for the whole handshake, from its start.
+    let deadline = tokio::time::Instant::now() + tls.timeout;
     // The TcpStream stays ours until the handshake starts, so that a refusal
     // can still be written to it.
-    let started = tokio::time::timeout(tls.timeout, expect_client_hello(&stream)).await;
+    let started = tokio::time::timeout_at(deadline, expect_client_hello(&stream)).await;
     let refusal = match started {
         Ok(Ok(())) => None,
         Ok(Err(HandshakeError::PlainText)) => Some(HandshakeError::PlainText),
@@ -187,9 +191,8 @@ pub async fn accept(
         }
         return Err(reason);
     }
-    // Still inside the one deadline: whatever the peek took is counted.
     let handshake = tls.acceptor.accept(stream);
-    let stream = tokio::time::timeout(tls.timeout, handshake)
+    let stream = tokio::time::timeout_at(deadline, handshake)
         .await
         .map_err(|_| HandshakeError::Timeout(tls.timeout))??;
     let identity = stream
