@@ -171,14 +171,17 @@ pub async fn accept(
     mut stream: TcpStream,
     info: &[u8],
 ) -> Result<(ServerTlsStream<TcpStream>, Option<PeerIdentity>), HandshakeError> {
-    if !tls.handshake_first {
-        stream.write_all(info).await?;
-    }
     // One deadline for the whole handshake, from its start.
     let deadline = tokio::time::Instant::now() + tls.timeout;
     // The TcpStream stays ours until the handshake starts, so that a refusal
     // can still be written to it.
-    let started = tokio::time::timeout_at(deadline, expect_client_hello(&stream)).await;
+    let greet = async {
+        if !tls.handshake_first {
+            stream.write_all(info).await?;
+        }
+        expect_client_hello(&stream).await
+    };
+    let started = tokio::time::timeout_at(deadline, greet).await;
     let refusal = match started {
         Ok(Ok(())) => None,
         Ok(Err(HandshakeError::PlainText)) => Some(HandshakeError::PlainText),

@@ -446,3 +446,41 @@ async fn broken_tls_files_stop_the_server_from_starting() {
     let mismatched = TlsConfig::new(&pki.server_cert, pki.client("x").1);
     assert!(Server::start(config(mismatched)).await.is_err());
 }
+
+#[tokio::test]
+async fn conf_tls_toml_runs_with_what_gen_certs_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = ["localhost".to_string(), "127.0.0.1".to_string()];
+    let generated = skiff::tools::certs::generate(&dir.path().join("certs"), &hosts, 2).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/tls.toml");
+    let mut config = Config::from_file(&example).unwrap();
+    config.listen = "127.0.0.1:0".into();
+    config.jetstream.enabled = false;
+    // The example's paths are relative to where the server runs: here.
+    let tls = config.tls.as_mut().unwrap();
+    assert!(tls.verify, "the example is mutual TLS");
+    for path in [&mut tls.cert_file, &mut tls.key_file] {
+        *path = dir.path().join(&*path);
+    }
+    tls.ca_file = tls.ca_file.as_ref().map(|p| dir.path().join(p));
+    let server = Server::start(config).await.unwrap();
+
+    let (cert, key) = generated.devices[0].clone();
+    let device = TlsOptions {
+        ca_file: Some(generated.ca.clone()),
+        cert_file: Some(cert),
+        key_file: Some(key),
+        first: false,
+    };
+    let endpoint = Endpoint::new(&server.client_url(), &device).unwrap();
+    let mut conn = Connection::connect_to(&endpoint).await.unwrap();
+    conn.flush().await.unwrap();
+    let anonymous = TlsOptions {
+        ca_file: Some(generated.ca.clone()),
+        ..TlsOptions::default()
+    };
+    let endpoint = Endpoint::new(&server.client_url(), &anonymous).unwrap();
+    let refused = async { Connection::connect_to(&endpoint).await?.flush().await };
+    assert!(refused.await.is_err(), "no client certificate");
+    server.shutdown().await;
+}
