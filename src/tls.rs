@@ -155,6 +155,8 @@ pub enum HandshakeError {
     Timeout(Duration),
     #[error("client closed the connection before the TLS handshake")]
     Closed,
+    #[error("server shutting down during the TLS handshake")]
+    Shutdown,
     #[error("TLS handshake error: {0}")]
     Io(#[from] io::Error),
 }

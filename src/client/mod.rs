@@ -244,7 +244,8 @@ struct Connection {
     client: Arc<ClientShared>,
     options: Options,
     /// The verified client certificate's identity (mutual TLS), which
-    /// `verify_and_map` authorization maps to a user.
+    /// `verify_and_map` authorization maps to a user. Not read yet: the
+    /// authorization layer reads it when the client sends CONNECT.
     #[allow(dead_code)]
     identity: Option<PeerIdentity>,
     pings_out: u32,
@@ -274,7 +275,7 @@ pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, s
     let info = info_line(&server, &client, tls.verify);
     let handshake = tokio::select! {
         result = tls::accept(&tls, stream, &info) => result,
-        _ = server.shutdown.cancelled() => Err(tls::HandshakeError::Closed),
+        _ = server.shutdown.cancelled() => Err(tls::HandshakeError::Shutdown),
     };
     match handshake {
         Ok((stream, identity)) => {
@@ -287,9 +288,14 @@ pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, s
             let (reader, writer) = tokio::io::split(stream);
             serve_split(server, client, reader, writer, identity).await
         }
+        Err(e @ (tls::HandshakeError::Closed | tls::HandshakeError::Shutdown)) => {
+            // Port probes and health checks connect and leave: not news.
+            tracing::debug!("{client} - {e}");
+            server.clients.remove(&client.id);
+        }
         Err(e) => {
             // The client's doing (or its network's), not the server's: a
-            // warning, as nats-server logs it, naming the client.
+            // warning, naming the client, not an error.
             tracing::warn!("{client} - {e}");
             server.clients.remove(&client.id);
         }
