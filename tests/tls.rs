@@ -208,11 +208,20 @@ async fn info_says_tls_required_and_tls_verify_in_plain_text() {
     assert!(info.get("tls_verify").is_none(), "{info}");
     server.shutdown().await;
 
-    let server = start(pki.mutual()).await;
-    let (_raw, info) = Raw::connect_info(server.addr()).await;
-    assert_eq!(info["tls_required"], true);
-    assert_eq!(info["tls_verify"], true);
-    server.shutdown().await;
+    for verify in [
+        pki.mutual(),
+        TlsConfig {
+            verify: false,
+            verify_and_map: true,
+            ..pki.mutual()
+        },
+    ] {
+        let server = start(verify).await;
+        let (_raw, info) = Raw::connect_info(server.addr()).await;
+        assert_eq!(info["tls_required"], true);
+        assert_eq!(info["tls_verify"], true);
+        server.shutdown().await;
+    }
 }
 
 #[tokio::test]
@@ -264,6 +273,27 @@ async fn mutual_tls_accepts_only_valid_certificates_of_its_ca() {
     let (cert, key) = write(pki.dir.path(), "expired", &pki.ca.sign(params).unwrap());
     let expired = pki.nats_options().add_client_certificate(cert, key);
     assert!(!nats_works(&server, expired).await, "expired certificate");
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "device-1");
+    skiff::tools::certs::valid_from_now(&mut params);
+    let own = params.self_signed(&key).unwrap();
+    let (cert, key) = write(
+        pki.dir.path(),
+        "self-signed",
+        &Issued {
+            cert_pem: own.pem(),
+            key_pem: key.serialize_pem(),
+        },
+    );
+    let self_signed = pki.nats_options().add_client_certificate(cert, key);
+    assert!(
+        !nats_works(&server, self_signed).await,
+        "self-signed certificate"
+    );
 
     // The refusals cost the good client nothing.
     round_trip(&client).await;
