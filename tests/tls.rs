@@ -514,3 +514,88 @@ async fn conf_tls_toml_runs_with_what_gen_certs_writes() {
     assert!(refused.await.is_err(), "no client certificate");
     server.shutdown().await;
 }
+
+/// `skiff serve -c FILE` as a child process, killed on drop; its log goes
+/// to a file so that the test can wait for lines in it.
+struct ServeProcess {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl ServeProcess {
+    fn start(config: &Path, log: PathBuf) -> ServeProcess {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(["serve", "--listen", "127.0.0.1:0", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "skiff=info")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn skiff");
+        ServeProcess { child, log }
+    }
+
+    /// Waits until a log line contains `needle`; returns that line.
+    async fn wait_for(&self, needle: &str) -> String {
+        let find = async {
+            loop {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                    return line.to_string();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        within(needle, find).await
+    }
+
+    async fn addr(&self) -> SocketAddr {
+        let line = self.wait_for("Listening for client connections on ").await;
+        let addr = line.rsplit(' ').next().unwrap();
+        self.wait_for("Server is ready").await;
+        addr.parse().unwrap()
+    }
+
+    fn hangup(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill only sends a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_of_skiff_serve() {
+    let pki = Pki::new();
+    let config = pki.dir.path().join("skiff.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[jetstream]\nenabled = false\n[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            pki.server_cert, pki.server_key
+        ),
+    )
+    .unwrap();
+    let skiff = ServeProcess::start(&config, pki.dir.path().join("skiff.log"));
+    let addr = skiff.addr().await;
+    assert_eq!(served_cn(addr, &pki.ca_file).await, "CN=server-a");
+
+    write(pki.dir.path(), "server", &server_cert(&pki.ca, "server-b"));
+    skiff.hangup();
+    skiff.wait_for("Reloaded: tls").await;
+    assert_eq!(served_cn(addr, &pki.ca_file).await, "CN=server-b");
+
+    std::fs::write(&pki.server_key, "not a key").unwrap();
+    skiff.hangup();
+    let line = skiff.wait_for("Reload failed").await;
+    assert!(line.contains("server-key.pem"), "{line}");
+    assert_eq!(served_cn(addr, &pki.ca_file).await, "CN=server-b");
+}
