@@ -451,6 +451,9 @@ async fn min_version_1_3_refuses_a_tls12_only_client() {
     let mut ok = within("a TLS 1.3 handshake", raw_tls(server.addr(), tls13))
         .await
         .expect("TLS 1.3 accepted");
+    // The server's choice, though rustls clients list AES-256 first.
+    let suite = ok.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     ok.write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
         .await
         .unwrap();
