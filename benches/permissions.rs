@@ -16,6 +16,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use skiff::auth::config::{AllowDeny, PermissionsConfig, SubjectRulesConfig};
 use skiff::auth::{Permissions, PublishCache};
+use skiff::tools::conn::Endpoint;
 use skiff::tools::{Connection, Credentials};
 use skiff::{Config, Server};
 
@@ -93,8 +94,11 @@ permissions = { publish = { allow = ["tenant0.>", "tenant1.>", "tenant2.>", "ben
             password: Some("p".into()),
             ..Credentials::default()
         };
+        let endpoint = Endpoint::plain(&url)
+            .expect("url parses")
+            .with_credentials(&credentials);
         let mut conn = runtime
-            .block_on(Connection::connect_with(&url, &credentials))
+            .block_on(Connection::connect_to(&endpoint))
             .expect("connects");
         group.bench_function(format!("pub_1000/{user}"), |b| {
             b.iter(|| {

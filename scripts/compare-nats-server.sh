@@ -6,9 +6,12 @@
 #   scripts/compare-nats-server.sh            # RUNS=3 by default
 #   RUNS=5 MSGS=2000000 scripts/compare-nats-server.sh
 #   SECTIONS=js scripts/compare-nats-server.sh   # durable streams only
+#   SECTIONS=tls RUNS=1 scripts/compare-nats-server.sh   # TLS only
 #
-# Two sections: `core` (plain NATS messaging) and `js` (durable streams:
-# jspub and jsconsume). nats-server always runs with JetStream on (`-js`, a
+# Three sections: `core` (plain NATS messaging), `js` (durable streams:
+# jspub and jsconsume) and `tls` (core messaging, idle connections and
+# connection set-up over TLS, both servers with the same certificate made
+# by `skiff gen-certs`; clients are not asked for certificates). nats-server always runs with JetStream on (`-js`, a
 # fresh store directory), as Skiff does. The js section measures Skiff
 # twice, as two servers started side by side: with its default
 # `sync = "always"` (fsync before every PubAck, concurrent publishes sharing
@@ -33,7 +36,8 @@ CONNS=${CONNS:-10000}         # idle connections
 TIMEOUT=${TIMEOUT:-120s}      # bound on each bench run
 JS_MSGS=${JS_MSGS:-200000}    # jspub 16 B, and jsconsume of those messages
 JS_BIG_MSGS=${JS_BIG_MSGS:-100000}  # jspub 1 KiB
-SECTIONS=${SECTIONS:-core js}
+TLS_CONNS=${TLS_CONNS:-$CONNS}  # idle TLS connections
+SECTIONS=${SECTIONS:-core js tls}
 
 log() { echo "$*" >&2; }
 
@@ -54,7 +58,7 @@ SKIFF=${CARGO_TARGET_DIR:-target}/release/skiff
 
 # The idle-connection scenario holds CONNS sockets in the bench and as many
 # in each server, which inherit this limit.
-ulimit -n $((CONNS + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+ulimit -n $(((CONNS > TLS_CONNS ? CONNS : TLS_CONNS) + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 WORK=$(mktemp -d)
 # The servers of the current pass by name (skiff, skiff2m, nats).
@@ -97,6 +101,12 @@ wait_for_port() {
 # PubAck; everything else at its defaults.
 printf '[jetstream]\nsync = "2m"\n' >"$WORK/skiff-2m.toml"
 
+# One certificate for both TLS servers, trusted by the bench through the CA.
+CERTS=$WORK/certs
+"$SKIFF" gen-certs "$CERTS" --hosts localhost,127.0.0.1 --devices 0 >/dev/null 2>&1
+printf 'tls {\n  cert_file: "%s"\n  key_file: "%s"\n}\n' \
+    "$CERTS/server.pem" "$CERTS/server-key.pem" >"$WORK/nats-tls.conf"
+
 # start_servers NAME...: fresh servers (skiff, skiff2m, nats) on free ports,
 # each with a fresh stream store (never the working directory's).
 start_servers() {
@@ -117,9 +127,21 @@ start_servers() {
         nats)
             "$NATS_SERVER" -js -sd "$store" -a 127.0.0.1 -p "$port" >>"$WORK/$name.log" 2>&1 &
             ;;
+        skifftls)
+            "$SKIFF" serve --listen "127.0.0.1:$port" --store "$store" \
+                --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server-key.pem" \
+                >>"$WORK/$name.log" 2>&1 &
+            ;;
+        natstls)
+            "$NATS_SERVER" -c "$WORK/nats-tls.conf" -js -sd "$store" -a 127.0.0.1 -p "$port" \
+                >>"$WORK/$name.log" 2>&1 &
+            ;;
         esac
         PID[$name]=$!
         URL[$name]="nats://127.0.0.1:$port"
+        if [[ $name == *tls ]]; then
+            URL[$name]="tls://127.0.0.1:$port"
+        fi
     done
     for name in "$@"; do
         wait_for_port "${URL[$name]##*:}" "$WORK/$name.log"
@@ -163,6 +185,20 @@ both() {
     fi
 }
 
+# both_tls KEY ARGS...: like `both`, against the TLS servers.
+both_tls() {
+    local key=$1
+    shift
+    log "  $key"
+    local servers=(skifftls natstls)
+    if ((PASS % 2 == 0)); then
+        servers=(natstls skifftls)
+    fi
+    for server in "${servers[@]}"; do
+        bench "$key" "$server" --tls-ca "$CERTS/ca.pem" "$@"
+    done
+}
+
 # all3 KEY ARGS...: the scenario against skiff, skiff2m and nats, rotating
 # which goes first from one pass to the next.
 all3() {
@@ -197,6 +233,15 @@ for PASS in $(seq "$RUNS"); do
         # Leaves JS_MSGS messages of 16 B in the stream, for jsconsume.
         all3 jspub16 jspub --msgs "$JS_MSGS" --size 16
         all3 jsconsume jsconsume --msgs "$JS_MSGS" --size 16
+    fi
+    if [[ " $SECTIONS " == *" tls "* ]]; then
+        start_servers skifftls natstls
+        # Each connection: TCP, INFO, a TLS handshake, CONNECT, SUB, PING.
+        both_tls tls_conns conns --conns "$TLS_CONNS"
+        start_servers skifftls natstls
+        both_tls tls_pub16 pub --msgs "$MSGS" --size 16
+        both_tls tls_pubsub16 pubsub --msgs "$MSGS" --size 16
+        both_tls tls_pubsub1k pubsub --msgs "$BIG_MSGS" --size 1024
     fi
 done
 stop_servers
@@ -299,6 +344,25 @@ JS_ROWS = [
     ("jspub1k", "jspub, 1 KiB", "server CPU ns per acked msg", per_msg_ns, False),
     ("jsconsume", "jsconsume, 16 B", "server CPU ns per consumed msg", per_msg_ns, False),
 ]
+# TLS: the same certificate on both servers.
+TLS_ROWS = [
+    ("tls_pub16", "pub over TLS, 16 B", "publish msgs/s", "pub_msgs_per_sec", True),
+    ("tls_pubsub16", "pubsub over TLS, 16 B", "delivered msgs/s", "sub_msgs_per_sec", True),
+    ("tls_pubsub1k", "pubsub over TLS, 1 KiB", "delivered MB/s", "sub_mb_per_sec", True),
+    ("tls_conns", "idle TLS connections", "server RSS bytes per connection", "conns.bytes_per_conn", False),
+    ("tls_conns", "TLS connection set-up, 64 at once", "connections/s (handshake included)", "conns.connects_per_sec", True),
+    ("tls_pubsub16", "pubsub over TLS, 16 B", "server CPU ns per published msg", per_msg_ns, False),
+]
+if any(server == "natstls" for _, server in results):
+    print("| Scenario | Metric | Skiff | nats-server | Skiff / nats-server |")
+    print("|---|---|---|---|---|")
+    for key, scenario, label, metric, higher in TLS_ROWS:
+        s, n = median(key, "skifftls", metric), median(key, "natstls", metric)
+        better = "higher is better" if higher else "lower is better"
+        print(f"| {scenario} | {label} | {fmt(s)} | {fmt(n)} | {ratio(s, n)} "
+              f"({better}{notes(key, ('skifftls', 'natstls'))}) |")
+    print()
+
 if any(key.startswith("js") for key, _ in results):
     print("| Scenario | Metric | Skiff, sync always | Skiff, sync 2m | nats-server "
           "| always / nats | 2m / nats |")

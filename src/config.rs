@@ -56,6 +56,90 @@ pub struct Config {
     pub jetstream: JetStreamConfig,
     /// Who may connect and what they may do (`None`: anyone, anything).
     pub authorization: Option<crate::auth::AuthorizationConfig>,
+    /// TLS for client connections; present means required.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[tls]` table. When present every client must use TLS, as with
+/// nats-server's `tls {}` block: INFO says `tls_required` in plain text and
+/// the client upgrades before CONNECT (or, with `handshake_first`, before
+/// INFO). The files are read when the server starts or reloads
+/// ([`crate::tls`]), so a broken certificate is reported then.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The server's private key (PEM: PKCS#8, RSA or EC).
+    pub key_file: PathBuf,
+    /// Certificate authorities that sign client certificates (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Require a client certificate signed by `ca_file` (mutual TLS).
+    #[serde(default)]
+    pub verify: bool,
+    /// Like `verify`, and the certificate names the user (see
+    /// [`crate::tls::PeerIdentity`]).
+    #[serde(default)]
+    pub verify_and_map: bool,
+    /// Start TLS at once, before INFO, for clients that expect it.
+    #[serde(default)]
+    pub handshake_first: bool,
+    /// How long a client has to complete the handshake.
+    #[serde(default = "default_tls_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Oldest TLS version accepted: `"1.2"` or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// nats-server's default TLS handshake deadline.
+fn default_tls_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// A TLS protocol version as written in the config file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+impl TlsConfig {
+    /// A certificate and key, with nats-server's defaults for the rest.
+    pub fn new(cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> TlsConfig {
+        TlsConfig {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+            ca_file: None,
+            verify: false,
+            verify_and_map: false,
+            handshake_first: false,
+            timeout: default_tls_timeout(),
+            min_version: TlsVersion::V1_2,
+        }
+    }
+
+    /// Whether clients must present a certificate.
+    pub fn requires_client_cert(&self) -> bool {
+        self.verify || self.verify_and_map
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(format!("tls: {m}")));
+        if self.requires_client_cert() && self.ca_file.is_none() {
+            return invalid(
+                "verify and verify_and_map need ca_file, the CA of client certificates",
+            );
+        }
+        if self.timeout.is_zero() {
+            return invalid("timeout must be greater than 0");
+        }
+        Ok(())
+    }
 }
 
 /// The `[jetstream]` table.
@@ -132,6 +216,7 @@ impl Default for Config {
             trace: false,
             jetstream: JetStreamConfig::default(),
             authorization: None,
+            tls: None,
         }
     }
 }
@@ -228,6 +313,9 @@ impl Config {
         if let Some(auth) = &self.authorization {
             auth.validate()?;
         }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         Ok(())
     }
 }
@@ -303,6 +391,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_mesgs"), "{err}");
+    }
+
+    #[test]
+    fn tls_table_is_parsed_with_defaults_and_checked() {
+        let c = Config::from_toml(
+            "[tls]\ncert_file = \"s.pem\"\nkey_file = \"k.pem\"\ntimeout = \"500ms\"\nmin_version = \"1.3\"\n",
+        )
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.timeout, Duration::from_millis(500));
+        assert_eq!(tls.min_version, TlsVersion::V1_3);
+        assert!(!tls.requires_client_cert());
+        let default = Config::from_toml("[tls]\ncert_file = \"s\"\nkey_file = \"k\"\n").unwrap();
+        assert_eq!(default.tls.unwrap().timeout, Duration::from_secs(2));
+        for (bad, says) in [
+            ("[tls]\ncert_file = \"s\"\n", "key_file"),
+            (
+                "[tls]\ncert_file = \"s\"\nkey_file = \"k\"\nverify = true\n",
+                "ca_file",
+            ),
+            (
+                "[tls]\ncert_file = \"s\"\nkey_file = \"k\"\nmin_version = \"1.1\"\n",
+                "1.1",
+            ),
+            (
+                "[tls]\ncert_file = \"s\"\nkey_file = \"k\"\nverfy = true\n",
+                "verfy",
+            ),
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -26,8 +26,9 @@ pub mod stream;
 pub mod subject;
 pub mod sublist;
 pub mod subscription;
+pub mod tls;
 pub mod tools;
 pub mod units;
 
 pub use config::Config;
-pub use server::{Server, ServerHandle, StartError};
+pub use server::{ReloadError, Server, ServerHandle, StartError};

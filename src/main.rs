@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use skiff::auth::{AuthorizationConfig, Secret};
+use skiff::config::TlsConfig;
 use skiff::tools::bench::{self, BenchOptions, Scenario};
-use skiff::tools::{commands, passwd, Credentials, DEFAULT_URL};
+use skiff::tools::conn::{Endpoint, TlsOptions};
+use skiff::tools::{certs, commands, passwd, Credentials, DEFAULT_URL};
 use skiff::units::{parse_duration, parse_size};
 use skiff::{Config, Server};
 
@@ -40,6 +42,9 @@ enum Command {
     Bench(BenchArgs),
     /// Print a bcrypt hash of a password (read from stdin, or asked for).
     Passwd(PasswdArgs),
+    /// Write a CA, a server certificate and device certificates for
+    /// mutual TLS.
+    GenCerts(GenCertsArgs),
 }
 
 #[derive(Args)]
@@ -49,11 +54,24 @@ struct PasswdArgs {
     cost: u32,
 }
 
-/// How the client commands reach a server. TLS flags belong here too.
+#[derive(Args)]
+struct GenCertsArgs {
+    /// Directory to write the PEM files to (created if missing).
+    dir: PathBuf,
+    /// Names and addresses the server certificate is valid for.
+    #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    hosts: Vec<String>,
+    /// Device (client) certificates to make: device-1 ... device-N.
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
+}
+
+/// How the client commands reach a server and log in.
 #[derive(Args)]
 struct ConnectArgs {
-    /// Server URL (credentials may be given as nats://user:pass@host:port
-    /// or nats://token@host:port).
+    /// Server URL: nats://host:port, tls://host:port to insist on TLS;
+    /// credentials may be given as nats://user:pass@host:port or
+    /// nats://token@host:port.
     #[arg(short = 's', long = "server", default_value = DEFAULT_URL)]
     server: String,
     /// User name.
@@ -71,6 +89,18 @@ struct ConnectArgs {
     /// NATS credentials file (JWT and seed): not supported.
     #[arg(long)]
     creds: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long = "tls-ca", alias = "tlsca")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients.
+    #[arg(long = "tls-cert", alias = "tlscert", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client certificate's private key (PEM).
+    #[arg(long = "tls-key", alias = "tlskey", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Start TLS before the server's INFO (servers with handshake_first).
+    #[arg(long = "tls-first")]
+    tls_first: bool,
 }
 
 impl ConnectArgs {
@@ -91,6 +121,19 @@ impl ConnectArgs {
             token: self.token.clone(),
             nkey_seed,
         })
+    }
+
+    fn tls(&self) -> TlsOptions {
+        TlsOptions {
+            ca_file: self.tls_ca.clone(),
+            cert_file: self.tls_cert.clone(),
+            key_file: self.tls_key.clone(),
+            first: self.tls_first,
+        }
+    }
+
+    fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::new(&self.server, &self.tls())?.with_credentials(&self.credentials()?))
     }
 }
 
@@ -215,6 +258,7 @@ impl BenchArgs {
     /// The scenario's defaults with the given flags on top.
     fn options(&self) -> BenchOptions {
         let mut o = BenchOptions::new(&self.connect.server, self.scenario);
+        o.tls = self.connect.tls();
         o.msgs = self.msgs.unwrap_or(o.msgs);
         o.size = self.size.unwrap_or(o.size);
         o.pubs = self.pubs.unwrap_or(o.pubs);
@@ -245,6 +289,18 @@ struct ServeArgs {
     /// Server name shown to clients.
     #[arg(long)]
     server_name: Option<String>,
+    /// Require TLS with this certificate (PEM); like [tls] cert_file.
+    #[arg(long = "tls-cert", alias = "tlscert", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long = "tls-key", alias = "tlskey", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA of client certificates (PEM).
+    #[arg(long = "tls-ca", alias = "tlscacert")]
+    tls_ca: Option<PathBuf>,
+    /// Require a client certificate signed by --tls-ca (mutual TLS).
+    #[arg(long = "tls-verify", alias = "tlsverify", requires = "tls_ca")]
+    tls_verify: bool,
     /// Log debug messages.
     #[arg(short = 'D', long)]
     debug: bool,
@@ -278,6 +334,7 @@ impl ServeArgs {
         if let Some(name) = &self.server_name {
             config.server_name = Some(name.clone());
         }
+        self.apply_tls(&mut config);
         config.debug |= self.debug;
         config.trace |= self.trace;
         if self.user.is_some() || self.auth.is_some() {
@@ -291,6 +348,22 @@ impl ServeArgs {
             auth.token = self.auth.clone().map(Secret).or(auth.token.take());
         }
         Ok(config)
+    }
+
+    /// The TLS flags over the file's `[tls]` table (which they create when
+    /// the file has none).
+    fn apply_tls(&self, config: &mut Config) {
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            let tls = config.tls.get_or_insert_with(|| TlsConfig::new(cert, key));
+            tls.cert_file = cert.clone();
+            tls.key_file = key.clone();
+        }
+        if let Some(tls) = &mut config.tls {
+            if let Some(ca) = &self.tls_ca {
+                tls.ca_file = Some(ca.clone());
+            }
+            tls.verify |= self.tls_verify;
+        }
     }
 }
 
@@ -315,23 +388,51 @@ fn init_logging(debug: bool, trace: bool) {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let config = args.config()?;
     init_logging(config.debug, config.trace);
     let server = Server::start(config).await.context("cannot start server")?;
-    shutdown_signal().await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("Trapped \"terminated\" signal");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("Trapped \"interrupt\" signal");
+                break;
+            }
+            _ = hup.recv() => reload(&args, &server),
+        }
+    }
     server.shutdown().await;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("Trapped \"terminated\" signal"),
-        _ = int.recv() => tracing::info!("Trapped \"interrupt\" signal"),
+/// SIGHUP: re-reads the config file (with the flags on top) and applies
+/// what can change while running. A broken file or certificate is logged
+/// and the server goes on as it was.
+fn reload(args: &ServeArgs, server: &skiff::ServerHandle) {
+    tracing::info!("Trapped \"hangup\" signal: reloading the configuration");
+    let reloaded = args.config().and_then(|config| Ok(server.reload(&config)?));
+    if let Err(e) = reloaded {
+        tracing::error!("Reload failed, keeping the running configuration: {e:#}");
     }
+}
+
+fn gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {
+    let generated = certs::generate(&args.dir, &args.hosts, args.devices)?;
+    eprintln!(
+        "Wrote a CA, a server certificate for {} and {} device certificate(s) to {}",
+        args.hosts.join(", "),
+        generated.devices.len(),
+        args.dir.display()
+    );
+    eprintln!("Add this to the server's config file for mutual TLS:\n");
+    println!("{}", certs::config_snippet(&generated));
     Ok(())
 }
 
@@ -356,8 +457,7 @@ async fn subscribe(
     count: Option<u64>,
     reply_with: Option<&[u8]>,
 ) -> anyhow::Result<()> {
-    let credentials = connect.credentials()?;
-    let mut conn = commands::listen(&connect.server, &credentials, subject, queue).await?;
+    let mut conn = commands::listen(&connect.endpoint()?, subject, queue).await?;
     eprintln!("Listening on \"{subject}\"");
     commands::receive(&mut conn, count, reply_with, &mut std::io::stdout().lock()).await?;
     Ok(())
@@ -368,15 +468,8 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Pub(a) => {
-            let credentials = a.connect.credentials()?;
-            commands::publish(
-                &a.connect.server,
-                &credentials,
-                &a.subject,
-                a.data.as_bytes(),
-                a.count,
-            )
-            .await?;
+            let endpoint = a.connect.endpoint()?;
+            commands::publish(&endpoint, &a.subject, a.data.as_bytes(), a.count).await?;
             eprintln!(
                 "Published {} x {} bytes to \"{}\"",
                 a.count,
@@ -400,15 +493,9 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Req(a) => {
-            let credentials = a.connect.credentials()?;
-            let (reply, rtt) = commands::request(
-                &a.connect.server,
-                &credentials,
-                &a.subject,
-                a.data.as_bytes(),
-                a.timeout,
-            )
-            .await?;
+            let endpoint = a.connect.endpoint()?;
+            let (reply, rtt) =
+                commands::request(&endpoint, &a.subject, a.data.as_bytes(), a.timeout).await?;
             eprintln!("Received with rtt {rtt:?}");
             println!("{}", String::from_utf8_lossy(reply.data()));
             Ok(())
@@ -419,6 +506,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", passwd::hash(&password, args.cost)?);
             Ok(())
         }
+        Command::GenCerts(args) => gen_certs(args),
     }
 }
 

@@ -29,6 +29,7 @@ use crate::protocol::{Limits, Message, ServerInfo};
 use crate::stream::JetStream;
 use crate::sublist::{InvalidSubject, Sublist};
 use crate::subscription::{Delivery, InternalSubscriber, Subscriber, Subscription};
+use crate::tls::{ReloadableTls, ServerTls};
 
 /// The version Skiff reports in INFO. Clients enable their modern code paths
 /// (headers, no-responders) from it, so it names the nats-server release
@@ -40,6 +41,8 @@ pub const PROTOCOL_VERSION: &str = "2.10.0";
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("durable streams: {0}")]
     JetStream(#[from] crate::stream::JetStreamError),
     #[error("cannot listen on {addr}: {source}")]
@@ -49,6 +52,17 @@ pub enum StartError {
     },
 }
 
+/// Why a reload was refused (the running settings stay as they were).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("turning TLS on or off needs a restart")]
+    TlsToggled,
+}
+
 /// The entry point: `Server::start(config).await` runs a server.
 pub struct Server;
 
@@ -56,6 +70,7 @@ impl Server {
     /// Validates `config`, binds the client listener and starts accepting.
     pub async fn start(config: Config) -> Result<ServerHandle, StartError> {
         config.validate()?;
+        let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
         let listener =
             TcpListener::bind(&config.listen)
                 .await
@@ -67,12 +82,15 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
-        let state = Arc::new(ServerState::new(config, addr));
+        let state = Arc::new(ServerState::new(config, addr, tls));
         tracing::info!("Starting skiff {}", env!("CARGO_PKG_VERSION"));
         tracing::info!("  Server ID: {}", state.info.server_id);
         if state.config.jetstream.enabled {
             let js = JetStream::start(&state, &state.config.jetstream)?;
             let _ = state.jetstream.set(js);
+        }
+        if state.tls.is_some() {
+            tracing::info!("TLS required for client connections");
         }
         tracing::info!("Listening for client connections on {addr}");
         let accept = tokio::spawn(accept_loop(Arc::clone(&state), listener));
@@ -104,6 +122,23 @@ impl ServerHandle {
         self.state.clients.len()
     }
 
+    /// Applies what can change while running from `config` (re-read from
+    /// its file on SIGHUP): for now the TLS certificate, key, CA and
+    /// settings. New connections use them; existing ones keep theirs. On
+    /// error nothing changes.
+    pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
+        config.validate()?;
+        match (&self.state.tls, &config.tls) {
+            (Some(current), Some(new)) => {
+                current.replace(ServerTls::load(new)?);
+                tracing::info!("Reloaded: tls");
+                Ok(())
+            }
+            (None, None) => Ok(()),
+            _ => Err(ReloadError::TlsToggled),
+        }
+    }
+
     /// Stops accepting, lets every client's queued output drain (each within
     /// `write_deadline`), closes them, and returns when all are gone.
     pub async fn shutdown(self) {
@@ -127,6 +162,8 @@ pub(crate) struct ServerState {
     pub limits: Limits,
     /// Set when `[authorization]` is configured.
     pub auth: Option<Authenticator>,
+    /// TLS for client connections, when configured; swapped by a reload.
+    pub tls: Option<ReloadableTls>,
     pub sublist: Sublist<Arc<Subscription>>,
     pub clients: DashMap<u64, Arc<ClientShared>>,
     /// Durable streams, when enabled.
@@ -137,7 +174,7 @@ pub(crate) struct ServerState {
 }
 
 impl ServerState {
-    fn new(config: Config, addr: SocketAddr) -> ServerState {
+    fn new(config: Config, addr: SocketAddr, tls: Option<ServerTls>) -> ServerState {
         let server_id = new_server_id();
         let info = ServerInfo {
             server_name: config
@@ -154,6 +191,7 @@ impl ServerState {
             jetstream: config.jetstream.enabled,
             max_payload: config.max_payload,
             auth_required: config.authorization.is_some(),
+            tls_required: tls.is_some(),
             ..ServerInfo::default()
         };
         let auth = config.authorization.as_ref().map(Authenticator::new);
@@ -167,6 +205,7 @@ impl ServerState {
             info,
             limits,
             auth,
+            tls: tls.map(ReloadableTls::new),
             sublist: Sublist::new(),
             clients: DashMap::new(),
             jetstream: OnceLock::new(),

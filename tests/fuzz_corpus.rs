@@ -70,7 +70,7 @@ fn connect_auth_seeds_include_accepted_logins() {
         let (cert, json) = if flags & 2 == 2 {
             let at = rest.iter().position(|&b| b == b'\n').unwrap();
             let subject = String::from_utf8(rest[..at].to_vec()).unwrap();
-            let cert = skiff::auth::CertIdentity {
+            let cert = skiff::tls::PeerIdentity {
                 subject,
                 sans: Vec::new(),
             };

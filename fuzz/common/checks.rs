@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use bytes::{BufMut, BytesMut};
 use skiff::auth::config::{PermissionsConfig, SubjectRulesConfig, UserConfig};
-use skiff::auth::{AuthError, Authenticator, AuthorizationConfig, CertIdentity, Secret};
+use skiff::auth::{AuthError, Authenticator, AuthorizationConfig, Secret};
 use skiff::protocol::{
     encode_connect, encode_msg_header, encode_pub_header, encode_sub, encode_unsub,
     parse_client_op, parse_server_op, ClientOp, ConnectOptions, Limits, Message, ProtocolError,
@@ -21,6 +21,7 @@ use skiff::protocol::{
 };
 use skiff::subject;
 use skiff::sublist::Sublist;
+use skiff::tls::PeerIdentity;
 
 // ---------------------------------------------------------------------------
 // Parsers
@@ -457,7 +458,7 @@ pub fn connect_auth(data: &[u8]) {
         };
         let subject = String::from_utf8_lossy(line).into_owned();
         (
-            Some(CertIdentity {
+            Some(PeerIdentity {
                 subject,
                 sans: Vec::new(),
             }),

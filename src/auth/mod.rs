@@ -31,6 +31,7 @@ use base64::Engine;
 use subtle::ConstantTimeEq;
 
 use crate::protocol::ConnectOptions;
+use crate::tls::PeerIdentity;
 pub use config::{AuthorizationConfig, Secret};
 pub use permissions::{Permissions, PublishCache, Replies, SubscribeCheck};
 
@@ -40,16 +41,6 @@ pub const AUTH_VIOLATION: &str = "Authorization Violation";
 pub const AUTH_TIMEOUT: &str = "Authentication Timeout";
 /// Random bytes in a nonce, as in nats-server (15 characters of base64url).
 const NONCE_BYTES: usize = 11;
-
-/// The identity a verified TLS client certificate gives, for
-/// `verify_and_map`: a `users` entry whose `user` equals the subject (RFC
-/// 2253 form) or one of the SANs (DNS names, e-mails, URIs) is that client.
-/// The TLS layer builds it from the peer certificate.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CertIdentity {
-    pub subject: String,
-    pub sans: Vec<String>,
-}
 
 /// Why a CONNECT was refused (the client only ever sees
 /// [`AUTH_VIOLATION`]).
@@ -237,7 +228,7 @@ impl Authenticator {
         &self,
         connect: &ConnectOptions,
         nonce: Option<&str>,
-        cert: Option<&CertIdentity>,
+        cert: Option<&PeerIdentity>,
     ) -> Result<Authenticated, AuthError> {
         if let Some(cert) = cert {
             return self.by_certificate(cert);
@@ -293,7 +284,7 @@ impl Authenticator {
         Ok(self.accepted(key.to_string(), permissions.clone()))
     }
 
-    fn by_certificate(&self, cert: &CertIdentity) -> Result<Authenticated, AuthError> {
+    fn by_certificate(&self, cert: &PeerIdentity) -> Result<Authenticated, AuthError> {
         std::iter::once(&cert.subject)
             .chain(&cert.sans)
             .find_map(|name| match self.users.get(name) {
@@ -388,13 +379,13 @@ mod tests {
     #[test]
     fn certificates_map_to_password_less_users() {
         let a = users();
-        let cert = CertIdentity {
+        let cert = PeerIdentity {
             subject: "CN=other".into(),
             sans: vec!["CN=device-7".into()],
         };
         let ok = a.authenticate(&connect("{}"), None, Some(&cert)).unwrap();
         assert_eq!(ok.user, "CN=device-7");
-        let stranger = CertIdentity {
+        let stranger = PeerIdentity {
             subject: "CN=plain".into(),
             sans: vec![],
         };

@@ -45,8 +45,8 @@ use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{
-    CertIdentity, PermissionViolation, Permissions, PublishCache, Replies, SubscribeCheck,
-    AUTH_TIMEOUT, AUTH_VIOLATION,
+    PermissionViolation, Permissions, PublishCache, Replies, SubscribeCheck, AUTH_TIMEOUT,
+    AUTH_VIOLATION,
 };
 use crate::protocol::{
     encode_err, encode_info, parse_client_op, ClientOp, ConnectOptions, Message, ProtocolError, OK,
@@ -55,6 +55,7 @@ use crate::protocol::{
 use crate::server::ServerState;
 use crate::subject;
 use crate::subscription::{Subscriber, Subscription};
+use crate::tls::{self, PeerIdentity};
 use read_buffer::ReadBuffer;
 
 /// Most iovecs handed to one vectored write.
@@ -307,9 +308,9 @@ struct Connection {
     pending_connect: Option<ConnectOptions>,
     /// The nonce this connection's INFO carried.
     nonce: Option<String>,
-    /// The verified client certificate's identity, when the TLS layer maps
-    /// certificates to users (`verify_and_map`); `None` otherwise.
-    cert: Option<CertIdentity>,
+    /// The verified client certificate's identity, when certificates name
+    /// users (`verify_and_map`); `None` otherwise.
+    cert: Option<PeerIdentity>,
     /// The client's permissions (`None`: unrestricted, no checks at all).
     permissions: Option<Arc<Permissions>>,
     publish_cache: PublishCache,
@@ -325,38 +326,89 @@ pub(crate) fn register(server: &ServerState, addr: SocketAddr) -> Arc<ClientShar
     client
 }
 
-/// Serves one accepted TCP connection until it closes.
+/// Serves one accepted TCP connection until it closes: in plain text, or
+/// after a TLS handshake when the server requires TLS.
 pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, stream: TcpStream) {
-    let (reader, writer) = stream.into_split();
-    serve_split(server, client, reader, writer).await
+    let Some(tls) = server.tls.as_ref().map(|t| t.current()) else {
+        let (info, greeting) = greet(&server, &client, false);
+        let _ = client.outbound.push_bytes(&info);
+        let (reader, writer) = stream.into_split();
+        return serve_split(server, client, reader, writer, greeting).await;
+    };
+    let (info, mut greeting) = greet(&server, &client, tls.verify);
+    let handshake = tokio::select! {
+        result = tls::accept(&tls, stream, &info) => result,
+        _ = server.shutdown.cancelled() => Err(tls::HandshakeError::Shutdown),
+    };
+    match handshake {
+        Ok((stream, identity)) => {
+            if tls.handshake_first {
+                let _ = client.outbound.push_bytes(&info);
+            }
+            if let Some(identity) = &identity {
+                tracing::debug!("{client} - TLS client certificate: {identity}");
+            }
+            greeting.cert = identity.filter(|_| tls.map_to_user);
+            let (reader, writer) = tokio::io::split(stream);
+            serve_split(server, client, reader, writer, greeting).await
+        }
+        Err(e @ (tls::HandshakeError::Closed | tls::HandshakeError::Shutdown)) => {
+            // Port probes and health checks connect and leave: not news.
+            tracing::debug!("{client} - {e}");
+            server.clients.remove(&client.id);
+        }
+        Err(e) => {
+            // The client's doing (or its network's), not the server's: a
+            // warning, naming the client, not an error.
+            tracing::warn!("{client} - {e}");
+            server.clients.remove(&client.id);
+        }
+    }
 }
 
-/// Serves a connection given as two halves, so that TLS streams can use the
-/// same code.
+/// What a connection's greeting told or learnt about the client, for
+/// authentication when its CONNECT arrives.
+#[derive(Default)]
+pub(crate) struct Greeting {
+    /// The nonce INFO carried (only when nkey users exist).
+    nonce: Option<String>,
+    /// The verified certificate's identity, when certificates name users.
+    cert: Option<PeerIdentity>,
+}
+
+/// The INFO this client is greeted with, and the nonce in it.
+fn greet(server: &ServerState, client: &ClientShared, tls_verify: bool) -> (BytesMut, Greeting) {
+    let mut info = server.info.clone();
+    info.client_id = client.id;
+    info.client_ip = client.addr.ip().to_string();
+    info.tls_verify = tls_verify;
+    info.nonce = server
+        .auth
+        .as_ref()
+        .filter(|a| a.needs_nonce())
+        .map(|_| crate::auth::Authenticator::new_nonce());
+    let mut line = BytesMut::new();
+    encode_info(&mut line, &info);
+    let greeting = Greeting {
+        nonce: info.nonce,
+        cert: None,
+    };
+    (line, greeting)
+}
+
+/// Serves a connection given as two halves (of a TCP or a TLS stream) whose
+/// INFO has already been sent or queued, with what that [`Greeting`] holds.
 pub(crate) async fn serve_split<R, W>(
     server: Arc<ServerState>,
     client: Arc<ClientShared>,
     reader: R,
     writer: W,
+    greeting: Greeting,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     tracing::debug!("{client} - Client connection created");
-    let (id, addr) = (client.id, client.addr);
-    let mut info = server.info.clone();
-    info.client_id = id;
-    info.client_ip = addr.ip().to_string();
-    let nonce = server
-        .auth
-        .as_ref()
-        .filter(|a| a.needs_nonce())
-        .map(|_| crate::auth::Authenticator::new_nonce());
-    info.nonce = nonce.clone();
-    let mut line = BytesMut::new();
-    encode_info(&mut line, &info);
-    let _ = client.outbound.push_bytes(&line);
-
     let write_task = tokio::spawn(write_loop(
         Arc::clone(&client),
         writer,
@@ -370,8 +422,8 @@ pub(crate) async fn serve_split<R, W>(
         options: Options::default(),
         pings_out: 0,
         wakes: WakeList::default(),
-        nonce,
-        cert: None,
+        nonce: greeting.nonce,
+        cert: greeting.cert,
         permissions: None,
         publish_cache: PublishCache::default(),
     };

@@ -28,6 +28,12 @@ pub struct ServerInfo {
     pub auth_required: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls_required: bool,
+    /// Clients must present a certificate (mutual TLS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_verify: bool,
+    /// TLS is offered but not required.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_available: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connect_urls: Vec<String>,
     /// Random per connection when nkey users exist: the client signs it.

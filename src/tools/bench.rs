@@ -38,7 +38,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{self, Connection, Credentials};
+use super::conn::{self, Connection, Credentials, Endpoint, TlsOptions};
 use crate::protocol::Message;
 
 mod js;
@@ -100,6 +100,8 @@ impl Scenario {
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub url: String,
+    /// TLS files and mode, for servers that require TLS.
+    pub tls: TlsOptions,
     /// How the benchmark's connections log in.
     pub credentials: Credentials,
     pub scenario: Scenario,
@@ -139,6 +141,7 @@ impl BenchOptions {
         let js = matches!(scenario, Scenario::JsPub | Scenario::JsConsume);
         BenchOptions {
             url: url.to_string(),
+            tls: TlsOptions::default(),
             credentials: Credentials::default(),
             scenario,
             msgs: match scenario {
@@ -232,6 +235,10 @@ pub struct Latency {
 pub struct ConnsReport {
     pub connections: usize,
     pub connect_secs: f64,
+    /// Connections completed per second (each a TCP connect, INFO, the TLS
+    /// handshake if any, CONNECT and a PING round trip), with
+    /// `CONNECT_WORKERS` connecting at once.
+    pub connects_per_sec: f64,
     pub rss_before: Option<u64>,
     pub rss_after: Option<u64>,
     /// Server memory growth divided by the number of connections.
@@ -291,13 +298,16 @@ pub struct Report {
 /// Runs one scenario to the end (or to its deadline).
 pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     options.validate()?;
+    // Built once: every connection of the run shares its TLS configuration.
+    let endpoint =
+        Endpoint::new(&options.url, &options.tls)?.with_credentials(&options.credentials);
     let deadline = Instant::now() + options.timeout;
     match options.scenario {
-        Scenario::Conns => run_conns(options, deadline).await,
-        Scenario::Reqrep => run_reqrep(options, deadline).await,
-        Scenario::JsPub => js::run_jspub(options, deadline).await,
-        Scenario::JsConsume => js::run_jsconsume(options, deadline).await,
-        _ => run_flow(options, deadline).await,
+        Scenario::Conns => run_conns(options, &endpoint, deadline).await,
+        Scenario::Reqrep => run_reqrep(options, &endpoint, deadline).await,
+        Scenario::JsPub => js::run_jspub(options, &endpoint, deadline).await,
+        Scenario::JsConsume => js::run_jsconsume(options, &endpoint, deadline).await,
+        _ => run_flow(options, &endpoint, deadline).await,
     }
 }
 
@@ -422,9 +432,10 @@ impl fmt::Display for Report {
         if let Some(c) = &self.conns {
             writeln!(
                 f,
-                "{} idle connections with one subscription each, opened in {:.2} s",
+                "{} idle connections with one subscription each, opened in {:.2} s ({} per second)",
                 grouped(c.connections as u64),
-                c.connect_secs
+                c.connect_secs,
+                grouped(c.connects_per_sec.round() as u64)
             )?;
             if let (Some(before), Some(after), Some(per)) =
                 (c.rss_before, c.rss_after, c.bytes_per_conn)
@@ -613,12 +624,8 @@ impl Progress {
 }
 
 /// Connects, bounded by the run's deadline.
-async fn connect(
-    url: &str,
-    credentials: &Credentials,
-    deadline: Instant,
-) -> Result<Connection, conn::Error> {
-    within(deadline, Connection::connect_with(url, credentials)).await
+async fn connect(endpoint: &Endpoint, deadline: Instant) -> Result<Connection, conn::Error> {
+    within(deadline, Connection::connect_to(endpoint)).await
 }
 
 /// `work`, or [`conn::Error::Timeout`] once `deadline` passes.
@@ -633,13 +640,12 @@ async fn within<T>(
 
 /// A connection subscribed to `subject`, with the subscription in place.
 async fn subscriber(
-    url: &str,
-    credentials: &Credentials,
+    endpoint: &Endpoint,
     subject: &[u8],
     queue: Option<&[u8]>,
     deadline: Instant,
 ) -> Result<Connection, conn::Error> {
-    let mut conn = connect(url, credentials, deadline).await?;
+    let mut conn = connect(endpoint, deadline).await?;
     conn.subscribe(subject, queue);
     within(deadline, conn.flush()).await?;
     Ok(conn)
@@ -815,7 +821,11 @@ async fn count_messages(mut job: SubJob) -> SubResult {
 
 /// `pub`, `pubsub`, `fanout` and `queue`: publishers send `msgs` messages
 /// in all, subscribers count them.
-async fn run_flow(options: &BenchOptions, deadline: Instant) -> Result<Report, BenchError> {
+async fn run_flow(
+    options: &BenchOptions,
+    endpoint: &Endpoint,
+    deadline: Instant,
+) -> Result<Report, BenchError> {
     let subject = Bytes::from(options.subject.clone().into_bytes());
     let queue = options.scenario == Scenario::Queue;
     let expected = if queue {
@@ -826,20 +836,11 @@ async fn run_flow(options: &BenchOptions, deadline: Instant) -> Result<Report, B
     let mut subscribers = Vec::with_capacity(options.subs);
     for _ in 0..options.subs {
         let group = queue.then_some(QUEUE_GROUP);
-        subscribers.push(
-            subscriber(
-                &options.url,
-                &options.credentials,
-                &subject,
-                group,
-                deadline,
-            )
-            .await?,
-        );
+        subscribers.push(subscriber(endpoint, &subject, group, deadline).await?);
     }
     let mut publishers = Vec::with_capacity(options.pubs);
     for _ in 0..options.pubs {
-        publishers.push(connect(&options.url, &options.credentials, deadline).await?);
+        publishers.push(connect(endpoint, deadline).await?);
     }
     let server = publishers.first().map(server_name).unwrap_or_default();
 
@@ -967,19 +968,16 @@ fn split(total: u64, parts: usize) -> Vec<(u64, u64)> {
 
 /// `reqrep`: one request at a time, each timed, through a queue group of
 /// repliers that echo the payload.
-async fn run_reqrep(options: &BenchOptions, deadline: Instant) -> Result<Report, BenchError> {
+async fn run_reqrep(
+    options: &BenchOptions,
+    endpoint: &Endpoint,
+    deadline: Instant,
+) -> Result<Report, BenchError> {
     let subject = options.subject.as_bytes();
     let stop = CancellationToken::new();
     let mut repliers = Vec::with_capacity(options.subs);
     for _ in 0..options.subs {
-        let mut conn = subscriber(
-            &options.url,
-            &options.credentials,
-            subject,
-            Some(QUEUE_GROUP),
-            deadline,
-        )
-        .await?;
+        let mut conn = subscriber(endpoint, subject, Some(QUEUE_GROUP), deadline).await?;
         let (stop, limit) = (stop.clone(), options.msgs);
         repliers.push(tokio::spawn(async move {
             let mut error = None;
@@ -1004,7 +1002,7 @@ async fn run_reqrep(options: &BenchOptions, deadline: Instant) -> Result<Report,
             error
         }));
     }
-    let mut requester = connect(&options.url, &options.credentials, deadline).await?;
+    let mut requester = connect(endpoint, deadline).await?;
     let server = server_name(&requester);
     let progress = Progress::start(options.progress, options.msgs, "requests", deadline);
     let mut latencies = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_NS, 3)
@@ -1061,7 +1059,11 @@ async fn run_reqrep(options: &BenchOptions, deadline: Instant) -> Result<Report,
 
 /// `conns`: opens `conns` connections, each with a subscription of its own,
 /// and measures how much the server's memory grew.
-async fn run_conns(options: &BenchOptions, deadline: Instant) -> Result<Report, BenchError> {
+async fn run_conns(
+    options: &BenchOptions,
+    endpoint: &Endpoint,
+    deadline: Instant,
+) -> Result<Report, BenchError> {
     // Our sockets, plus a margin for the runtime and stdio.
     raise_fd_limit(options.conns as u64 + 64)?;
     let rss = |pid| rss_bytes(pid).map_err(|source| BenchError::Rss { pid, source });
@@ -1077,17 +1079,14 @@ async fn run_conns(options: &BenchOptions, deadline: Instant) -> Result<Report, 
     let workers: Vec<_> = shares
         .into_iter()
         .map(|(first, count)| {
-            let url = options.url.clone();
-            let credentials = options.credentials.clone();
+            let endpoint = endpoint.clone();
             let subject = options.subject.clone();
             let progress = Arc::clone(&progress.count);
             tokio::spawn(async move {
                 let mut held = Vec::with_capacity(count as usize);
                 for i in first..first + count {
                     let sub = format!("{subject}.{i}");
-                    held.push(
-                        subscriber(&url, &credentials, sub.as_bytes(), None, deadline).await?,
-                    );
+                    held.push(subscriber(&endpoint, sub.as_bytes(), None, deadline).await?);
                     progress.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok::<_, conn::Error>(held)
@@ -1113,6 +1112,7 @@ async fn run_conns(options: &BenchOptions, deadline: Instant) -> Result<Report, 
     report.conns = Some(ConnsReport {
         connections: held.len(),
         connect_secs,
+        connects_per_sec: held.len() as f64 / connect_secs.max(f64::EPSILON),
         rss_before,
         rss_after,
         bytes_per_conn,

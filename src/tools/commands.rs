@@ -5,19 +5,18 @@
 use std::io::Write;
 use std::time::Duration;
 
-use super::conn::{Connection, Credentials, Error};
+use super::conn::{Connection, Endpoint, Error};
 use crate::protocol::Message;
 
 /// Publishes `data` to `subject` `count` times and returns once the server
 /// has processed every message.
 pub async fn publish(
-    url: &str,
-    credentials: &Credentials,
+    endpoint: &Endpoint,
     subject: &str,
     data: &[u8],
     count: u64,
 ) -> Result<(), Error> {
-    let mut conn = Connection::connect_with(url, credentials).await?;
+    let mut conn = Connection::connect_to(endpoint).await?;
     for _ in 0..count {
         conn.publish(subject.as_bytes(), None, data).await?;
     }
@@ -27,12 +26,11 @@ pub async fn publish(
 /// Connects and subscribes to `subject` (in `queue` if given); returns once
 /// the server has the subscription in place.
 pub async fn listen(
-    url: &str,
-    credentials: &Credentials,
+    endpoint: &Endpoint,
     subject: &str,
     queue: Option<&str>,
 ) -> Result<Connection, Error> {
-    let mut conn = Connection::connect_with(url, credentials).await?;
+    let mut conn = Connection::connect_to(endpoint).await?;
     conn.subscribe(subject.as_bytes(), queue.map(str::as_bytes));
     conn.flush().await?;
     Ok(conn)
@@ -72,13 +70,12 @@ fn print_message(out: &mut impl Write, n: u64, message: &Message) -> std::io::Re
 /// Sends one request and waits up to `timeout` for its reply; returns the
 /// reply and the round-trip time.
 pub async fn request(
-    url: &str,
-    credentials: &Credentials,
+    endpoint: &Endpoint,
     subject: &str,
     data: &[u8],
     timeout: Duration,
 ) -> Result<(Message, Duration), Error> {
-    let mut conn = Connection::connect_with(url, credentials).await?;
+    let mut conn = Connection::connect_to(endpoint).await?;
     let start = std::time::Instant::now();
     let reply = conn.request(subject.as_bytes(), data, timeout).await?;
     Ok((reply, start.elapsed()))
@@ -91,11 +88,10 @@ mod tests {
     #[tokio::test]
     async fn sub_prints_and_reply_answers() {
         let server = crate::tools::test_server().await;
-        let url = server.client_url();
+        let url = Endpoint::plain(&server.client_url()).unwrap();
 
-        let none = Credentials::default();
-        let mut sub = listen(&url, &none, "greet.*", None).await.unwrap();
-        publish(&url, &none, "greet.en", b"hello", 2).await.unwrap();
+        let mut sub = listen(&url, "greet.*", None).await.unwrap();
+        publish(&url, "greet.en", b"hello", 2).await.unwrap();
         let mut out = Vec::new();
         receive(&mut sub, Some(2), None, &mut out).await.unwrap();
         assert_eq!(
@@ -103,14 +99,14 @@ mod tests {
             "[#1] Received on \"greet.en\": hello\n[#2] Received on \"greet.en\": hello\n"
         );
 
-        let mut replier = listen(&url, &none, "time", Some("workers")).await.unwrap();
+        let mut replier = listen(&url, "time", Some("workers")).await.unwrap();
         let serve = tokio::spawn(async move {
             let mut out = Vec::new();
             receive(&mut replier, Some(1), Some(b"noon"), &mut out)
                 .await
                 .map(|()| out)
         });
-        let (reply, _rtt) = request(&url, &none, "time", b"now?", Duration::from_secs(5))
+        let (reply, _rtt) = request(&url, "time", b"now?", Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(reply.data(), b"noon");

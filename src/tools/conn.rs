@@ -1,6 +1,16 @@
-//! A small async NATS client over one TCP connection, built on Skiff's own
-//! [`protocol`](crate::protocol) module. It backs `skiff pub/sub/req/reply`
-//! and `skiff bench`, and speaks to Skiff and nats-server alike.
+//! A small async NATS client over one TCP connection (plain or TLS), built on
+//! Skiff's own [`protocol`](crate::protocol) module. It backs
+//! `skiff pub/sub/req/reply` and `skiff bench`, and speaks to Skiff and
+//! nats-server alike.
+//!
+//! An [`Endpoint`] says where and how to connect (address, TLS files); it is
+//! built once, so that the TLS configuration is loaded once however many
+//! connections are made. TLS is used when the URL is `tls://`, when any TLS
+//! option is given, or when the server's INFO says `tls_required`; the
+//! upgrade follows INFO (or precedes it with `--tls-first`), as with the
+//! official clients. An endpoint also carries the [`Credentials`] to log in
+//! with (given, or `user:pass@` / `token@` in the URL); they go only into
+//! CONNECT, and `Debug` never shows them.
 //!
 //! One [`Connection`] owns the socket, a read buffer and a write buffer, and
 //! every method takes `&mut self`: no background task, lock or channel sits
@@ -19,18 +29,21 @@
 //! - Waiting methods are cancel-safe: dropped half-way (by a timeout, say)
 //!   they leave both buffers consistent, so the connection stays usable.
 //! - Nothing that comes from the network is unwrapped.
-//! - Credentials ([`Credentials`], or `user:pass@` / `token@` in the URL)
-//!   go only into CONNECT, and `Debug` never shows them.
 
 use std::collections::VecDeque;
 use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::{BufMut, BytesMut};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::protocol::{
@@ -54,10 +67,20 @@ const MAX_CONTROL_LINE: usize = 64 * 1024;
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid server URL `{0}`: expected nats://[user:pass@|token@]host:port or host:port")]
+    #[error(
+        "invalid server URL `{0}`: expected nats://[user:pass@|token@]host:port, tls://... or host:port"
+    )]
     Url(String),
     #[error("invalid nkey seed: {0}")]
     Nkey(String),
+    #[error(transparent)]
+    TlsConfig(#[from] crate::tls::TlsError),
+    #[error("--tls-cert and --tls-key go together")]
+    TlsCertWithoutKey,
+    #[error("TLS handshake with the server failed: {0}")]
+    Handshake(#[source] std::io::Error),
+    #[error("TLS was asked for, but the server does not offer it")]
+    TlsNotOffered,
     #[error("cannot connect to {addr}: {source}")]
     Connect {
         addr: String,
@@ -107,21 +130,24 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// Fills what these credentials leave empty from the URL's userinfo:
-    /// `user:pass` or a lone token.
-    fn or_from_url(&self, userinfo: Option<&str>) -> Credentials {
-        let mut c = self.clone();
-        if c.user.is_none() && c.token.is_none() && c.nkey_seed.is_none() {
-            match userinfo.map(|u| u.split_once(':')) {
-                Some(Some((user, pass))) => {
-                    c.user = Some(user.to_string());
-                    c.password = Some(pass.to_string());
-                }
-                Some(None) => c.token = userinfo.map(str::to_string),
-                None => {}
-            }
+    /// The credentials a URL's userinfo gives: `user:pass` or a token.
+    fn from_userinfo(userinfo: Option<&str>) -> Credentials {
+        match userinfo.map(|u| (u, u.split_once(':'))) {
+            Some((_, Some((user, pass)))) => Credentials {
+                user: Some(user.to_string()),
+                password: Some(pass.to_string()),
+                ..Credentials::default()
+            },
+            Some((token, None)) => Credentials {
+                token: Some(token.to_string()),
+                ..Credentials::default()
+            },
+            None => Credentials::default(),
         }
-        c
+    }
+
+    fn is_empty(&self) -> bool {
+        self.user.is_none() && self.token.is_none() && self.nkey_seed.is_none()
     }
 
     /// Puts the credentials into CONNECT, signing `nonce` with the nkey.
@@ -141,6 +167,138 @@ impl Credentials {
             }
         }
         Ok(())
+    }
+}
+
+/// The client's TLS settings, as given on the command line.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// CA that signed the server's certificate (`--tls-ca`).
+    pub ca_file: Option<PathBuf>,
+    /// Our certificate, for servers that verify clients (`--tls-cert`).
+    pub cert_file: Option<PathBuf>,
+    /// Its key (`--tls-key`).
+    pub key_file: Option<PathBuf>,
+    /// Start TLS before the server's INFO (`--tls-first`), for servers with
+    /// `handshake_first`.
+    pub first: bool,
+}
+
+impl TlsOptions {
+    /// Whether any TLS option is set, which asks for TLS.
+    fn any(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some() || self.first
+    }
+}
+
+/// Where to connect and how. Cheap to clone: connections made from one
+/// endpoint share its TLS configuration.
+#[derive(Clone)]
+pub struct Endpoint {
+    addr: String,
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+    /// Use TLS even if the server does not require it.
+    want_tls: bool,
+    tls_first: bool,
+    credentials: Credentials,
+}
+
+impl Endpoint {
+    /// `url` is `nats://host:port`, `tls://host:port`, `host:port` or `host`.
+    pub fn new(url: &str, tls: &TlsOptions) -> Result<Endpoint, Error> {
+        let target = parse_url(url)?;
+        let cert_key = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => return Err(Error::TlsCertWithoutKey),
+        };
+        let config = crate::tls::client_config(tls.ca_file.as_deref(), cert_key)?;
+        let server_name =
+            ServerName::try_from(target.host.clone()).map_err(|_| Error::Url(url.to_string()))?;
+        Ok(Endpoint {
+            addr: target.addr,
+            server_name,
+            tls: Arc::new(config),
+            want_tls: target.tls || tls.any(),
+            tls_first: tls.first,
+            credentials: Credentials::from_userinfo(target.userinfo.as_deref()),
+        })
+    }
+
+    /// Logs in with `credentials` instead of those in the URL, unless
+    /// `credentials` is empty.
+    pub fn with_credentials(mut self, credentials: &Credentials) -> Endpoint {
+        if !credentials.is_empty() {
+            self.credentials = credentials.clone();
+        }
+        self
+    }
+
+    /// A plain `nats://` endpoint with no TLS options.
+    pub fn plain(url: &str) -> Result<Endpoint, Error> {
+        Endpoint::new(url, &TlsOptions::default())
+    }
+
+    /// The `host:port` connected to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+/// The connection's byte stream: TCP, or TLS over TCP after the upgrade.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Only while the TCP stream is being handed to the TLS handshake.
+    Upgrading,
+}
+
+fn upgrading() -> std::io::Error {
+    std::io::Error::new(ErrorKind::NotConnected, "TLS upgrade in progress")
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Upgrading => Poll::Ready(Err(upgrading())),
+        }
     }
 }
 
@@ -175,7 +333,7 @@ impl Inbox {
 
 /// One client connection. See the module docs for the buffering rules.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     read_buf: BytesMut,
     write_buf: BytesMut,
     info: ServerInfo,
@@ -189,25 +347,25 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `url` (`nats://host:port`, `host:port` or `host`), reads
-    /// the server's INFO, sends CONNECT and returns once the server has
-    /// answered a PING, i.e. has accepted the connection.
+    /// Connects to `url` (`nats://host:port`, `tls://host:port`,
+    /// `host:port` or `host`) without TLS options; see
+    /// [`Connection::connect_to`].
     pub async fn connect(url: &str) -> Result<Connection, Error> {
-        Connection::connect_with(url, &Credentials::default()).await
+        Connection::connect_to(&Endpoint::plain(url)?).await
     }
 
-    /// [`Connection::connect`], logging in with `credentials` (those in the
-    /// URL are used when `credentials` has none).
-    pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Connection, Error> {
-        let (addr, userinfo) = parse_url(url)?;
-        let credentials = credentials.or_from_url(userinfo.as_deref());
+    /// Connects to `endpoint`, reads the server's INFO, upgrades to TLS if
+    /// either side asks for it, sends CONNECT and returns once the server has
+    /// answered a PING, i.e. has accepted the connection.
+    pub async fn connect_to(endpoint: &Endpoint) -> Result<Connection, Error> {
+        let addr = endpoint.addr.clone();
         let stream = TcpStream::connect(&addr)
             .await
             .map_err(|source| Error::Connect { addr, source })?;
         // Writes are coalesced here already; Nagle would only add latency.
         stream.set_nodelay(true)?;
         let mut conn = Connection {
-            stream,
+            stream: Stream::Plain(stream),
             read_buf: BytesMut::new(),
             write_buf: BytesMut::new(),
             info: ServerInfo::default(),
@@ -220,10 +378,19 @@ impl Connection {
             backlog: VecDeque::new(),
             inbox: Inbox::new(),
         };
+        if endpoint.tls_first {
+            conn.start_tls(endpoint).await?;
+        }
         conn.info = match conn.next_op().await? {
             ServerOp::Info(json) => serde_json::from_slice(&json).map_err(Error::Info)?,
             _ => return Err(Error::NoInfo),
         };
+        if !endpoint.tls_first && (endpoint.want_tls || conn.info.tls_required) {
+            if !conn.info.tls_required && !conn.info.tls_available {
+                return Err(Error::TlsNotOffered);
+            }
+            conn.start_tls(endpoint).await?;
+        }
         // The server never delivers more than it accepts from a publisher.
         conn.limits.max_payload = conn.info.max_payload;
         let mut options = ConnectOptions {
@@ -233,14 +400,37 @@ impl Connection {
             headers: Some(true),
             no_responders: Some(true),
             protocol: Some(1),
+            tls_required: Some(matches!(conn.stream, Stream::Tls(_))),
             lang: Some("rust-skiff".to_string()),
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
             ..ConnectOptions::default()
         };
-        credentials.apply(&mut options, conn.info.nonce.as_deref())?;
+        endpoint
+            .credentials
+            .apply(&mut options, conn.info.nonce.as_deref())?;
         encode_connect(&mut conn.write_buf, &options);
         conn.flush().await?;
         Ok(conn)
+    }
+
+    /// Runs the TLS handshake on the TCP stream. Nothing is buffered in
+    /// either direction at this point: the server waits for our ClientHello.
+    async fn start_tls(&mut self, endpoint: &Endpoint) -> Result<(), Error> {
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Upgrading) else {
+            return Ok(());
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&endpoint.tls));
+        let tls = connector
+            .connect(endpoint.server_name.clone(), tcp)
+            .await
+            .map_err(Error::Handshake)?;
+        self.stream = Stream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    /// Whether the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
     }
 
     /// The server's INFO as received on connect.
@@ -489,7 +679,7 @@ impl Connection {
     /// messages go to the backlog.
     fn poll_incoming(&mut self) -> Result<(), Error> {
         self.reserve_read();
-        match self.stream.try_read_buf(&mut self.read_buf) {
+        match self.try_read() {
             Ok(0) => return Err(Error::Closed),
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -503,6 +693,21 @@ impl Connection {
         Ok(())
     }
 
+    /// Reads what has already arrived without waiting: `WouldBlock` when
+    /// nothing has. One poll with a waker that does nothing, which works for
+    /// TCP and TLS alike (a TLS record may need several TCP reads, which
+    /// the TLS stream does within the poll); the next real wait registers
+    /// its own waker.
+    fn try_read(&mut self) -> std::io::Result<usize> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let read =
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), &mut cx, &mut self.read_buf);
+        match read {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(ErrorKind::WouldBlock.into()),
+        }
+    }
+
     fn reserve_read(&mut self) {
         if self.read_buf.capacity() - self.read_buf.len() < READ_MIN {
             self.read_buf.reserve(READ_CHUNK);
@@ -514,6 +719,8 @@ impl Connection {
     async fn write_out(&mut self) -> Result<(), Error> {
         if !self.write_buf.is_empty() {
             self.stream.write_all_buf(&mut self.write_buf).await?;
+            // TLS may hold records back until flushed; for TCP a no-op.
+            self.stream.flush().await?;
         }
         Ok(())
     }
@@ -524,14 +731,27 @@ fn is_no_responders(message: &Message) -> bool {
     message.headers().starts_with(b"NATS/1.0 503")
 }
 
-/// `host:port` from a server URL, with the default port when none is given,
-/// and the URL's userinfo (`user:pass` or `token`) if it has one.
-fn parse_url(url: &str) -> Result<(String, Option<String>), Error> {
+/// What a server URL names.
+#[derive(Debug, PartialEq)]
+struct Target {
+    /// `host:port`, with the default port when none is given.
+    addr: String,
+    /// The host alone (without IPv6 brackets): what the server's
+    /// certificate must name.
+    host: String,
+    /// The URL said `tls://`.
+    tls: bool,
+    /// `user:pass` or `token` before an `@`.
+    userinfo: Option<String>,
+}
+
+fn parse_url(url: &str) -> Result<Target, Error> {
     let bad = || Error::Url(url.to_string());
-    let rest = match url.trim().split_once("://") {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("nats") => rest,
+    let (tls, rest) = match url.trim().split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("nats") => (false, rest),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("tls") => (true, rest),
         Some(_) => return Err(bad()),
-        None => url.trim(),
+        None => (false, url.trim()),
     };
     let rest = rest.trim_end_matches('/');
     let (userinfo, rest) = match rest.rsplit_once('@') {
@@ -539,26 +759,36 @@ fn parse_url(url: &str) -> Result<(String, Option<String>), Error> {
         Some((info, host)) => (Some(info.to_string()), host),
         None => (None, rest),
     };
-    Ok((host_port(rest).map_err(|_| bad())?, userinfo))
-}
-
-/// `host:port` from `host[:port]`, with the default port when none is given.
-fn host_port(rest: &str) -> Result<String, Error> {
-    let bad = || Error::Url(rest.to_string());
     // Paths and lists of servers belong to later features.
     if rest.is_empty() || rest.contains(['@', '/', ',']) {
         return Err(bad());
     }
     let bracketed_ipv6 = rest.starts_with('[') && rest.ends_with(']');
-    match rest.rsplit_once(':') {
+    let (host, addr) = match rest.rsplit_once(':') {
         Some((host, port)) if !bracketed_ipv6 => {
             if host.is_empty() || port.parse::<u16>().is_err() {
                 return Err(bad());
             }
-            Ok(rest.to_string())
+            (host, rest.to_string())
         }
-        _ => Ok(format!("{rest}:{DEFAULT_PORT}")),
-    }
+        _ => (rest, format!("{rest}:{DEFAULT_PORT}")),
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    Ok(Target {
+        addr,
+        host,
+        tls,
+        userinfo,
+    })
+}
+
+/// `host:port` from a server URL.
+#[cfg(test)]
+fn host_port(url: &str) -> Result<String, Error> {
+    parse_url(url).map(|t| t.addr)
 }
 
 #[cfg(test)]
@@ -569,23 +799,31 @@ mod tests {
 
     #[test]
     fn urls_are_understood() {
-        let addr = |url: &str| parse_url(url).map(|(a, _)| a);
-        assert_eq!(addr("nats://1.2.3.4:5").unwrap(), "1.2.3.4:5");
-        assert_eq!(addr("localhost").unwrap(), "localhost:4222");
-        assert_eq!(addr("NATS://h/").unwrap(), "h:4222");
-        assert_eq!(addr("[::1]").unwrap(), "[::1]:4222");
-        assert_eq!(addr("[::1]:7").unwrap(), "[::1]:7");
+        assert_eq!(host_port("nats://1.2.3.4:5").unwrap(), "1.2.3.4:5");
+        assert_eq!(host_port("localhost").unwrap(), "localhost:4222");
+        assert_eq!(host_port("NATS://h/").unwrap(), "h:4222");
+        assert_eq!(host_port("[::1]").unwrap(), "[::1]:4222");
+        assert_eq!(host_port("[::1]:7").unwrap(), "[::1]:7");
         for bad in ["http://h:1", "h:port", "", "@h:1", ":4222", "a:1,b:2", "u@"] {
-            assert!(addr(bad).is_err(), "{bad}");
+            assert!(host_port(bad).is_err(), "{bad}");
         }
-        let (a, info) = parse_url("nats://u:p@h:1").unwrap();
-        assert_eq!((a.as_str(), info.as_deref()), ("h:1", Some("u:p")));
-        let c = Credentials::default().or_from_url(Some("u:p"));
+        let t = parse_url("tls://[::1]:4443").unwrap();
+        assert_eq!(
+            (t.addr.as_str(), t.host.as_str(), t.tls),
+            ("[::1]:4443", "::1", true)
+        );
+        assert!(!parse_url("localhost").unwrap().tls);
+        let t = parse_url("nats://u:p@h:1").unwrap();
+        assert_eq!(
+            (t.addr.as_str(), t.userinfo.as_deref()),
+            ("h:1", Some("u:p"))
+        );
+        let c = Credentials::from_userinfo(Some("u:p"));
         assert_eq!(
             (c.user.as_deref(), c.password.as_deref()),
             (Some("u"), Some("p"))
         );
-        let c = Credentials::default().or_from_url(Some("tok"));
+        let c = Credentials::from_userinfo(Some("tok"));
         assert_eq!(c.token.as_deref(), Some("tok"));
         assert!(!format!("{c:?}").contains("tok\""), "{c:?}");
     }
@@ -611,9 +849,10 @@ mod tests {
             nkey_seed: Some(key.seed().unwrap()),
             ..Credentials::default()
         };
-        let mut by_key = Connection::connect_with(&addr.to_string(), &creds)
-            .await
-            .unwrap();
+        let endpoint = Endpoint::plain(&addr.to_string())
+            .unwrap()
+            .with_credentials(&creds);
+        let mut by_key = Connection::connect_to(&endpoint).await.unwrap();
         by_key.flush().await.unwrap();
         let err = Connection::connect(&format!("nats://u:wrong@{addr}"))
             .await

@@ -4,6 +4,7 @@
 //! against Skiff and any other NATS server alike.
 
 pub mod bench;
+pub mod certs;
 pub mod commands;
 pub mod conn;
 pub mod passwd;

@@ -36,7 +36,7 @@ use super::{
     Side, BATCH, MAX_LATENCY_NS,
 };
 use crate::protocol::{headers, Message};
-use crate::tools::conn::{self, Connection};
+use crate::tools::conn::{self, Connection, Endpoint};
 
 /// The durable consumer `jsconsume` creates (and deletes first).
 pub const CONSUMER: &str = "skiff-bench";
@@ -59,9 +59,10 @@ const ACK_PREFIX: &[u8] = b"$JS.ACK.";
 /// `jspub`: a fresh stream, then `msgs` publishes with PubAcks.
 pub(super) async fn run_jspub(
     options: &BenchOptions,
+    endpoint: &Endpoint,
     deadline: Instant,
 ) -> Result<Report, BenchError> {
-    let mut conn = connect(&options.url, &options.credentials, deadline).await?;
+    let mut conn = connect(endpoint, deadline).await?;
     let server = server_name(&conn);
     recreate_stream(&mut conn, options, deadline).await?;
     let progress = Progress::start(options.progress, options.msgs, "acked", deadline);
@@ -94,9 +95,10 @@ pub(super) async fn run_jspub(
 /// pulled and acked.
 pub(super) async fn run_jsconsume(
     options: &BenchOptions,
+    endpoint: &Endpoint,
     deadline: Instant,
 ) -> Result<Report, BenchError> {
-    let mut conn = connect(&options.url, &options.credentials, deadline).await?;
+    let mut conn = connect(endpoint, deadline).await?;
     let server = server_name(&conn);
     let mut errors = Vec::new();
     let stored = stream_messages(&mut conn, &options.stream, deadline).await?;
