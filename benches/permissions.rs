@@ -14,8 +14,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use skiff::auth::config::{AllowDeny, PermissionsConfig, SubjectRulesConfig};
 use skiff::auth::{Permissions, PublishCache};
+use skiff::config::authorization::{AllowDeny, PermissionsConfig, SubjectRulesConfig};
 use skiff::tools::conn::Endpoint;
 use skiff::tools::{Connection, Credentials};
 use skiff::{Config, Server};

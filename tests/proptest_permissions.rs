@@ -10,8 +10,8 @@ use checks::for_each_subject;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
-use skiff::auth::config::{AllowDeny, PermissionsConfig, SubjectRulesConfig};
 use skiff::auth::{Permissions, PublishCache, SubscribeCheck};
+use skiff::config::authorization::{AllowDeny, PermissionsConfig, SubjectRulesConfig};
 use skiff::subject::matches_pattern;
 
 /// Pattern tokens: two of the four literals `for_each_subject` uses, and

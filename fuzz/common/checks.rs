@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 
 use bytes::{BufMut, BytesMut};
-use skiff::auth::config::{PermissionsConfig, SubjectRulesConfig, UserConfig};
 use skiff::auth::{AuthError, Authenticator, AuthorizationConfig, Secret};
+use skiff::config::authorization::{PermissionsConfig, SubjectRulesConfig, UserConfig};
 use skiff::protocol::{
     encode_connect, encode_msg_header, encode_pub_header, encode_sub, encode_unsub,
     parse_client_op, parse_server_op, ClientOp, ConnectOptions, Limits, Message, ProtocolError,

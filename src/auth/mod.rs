@@ -20,7 +20,6 @@
 //! - Without `[authorization]` nothing here runs: no INFO fields, no checks,
 //!   and connections carry no permissions (`None`), so they pay nothing.
 
-pub mod config;
 pub mod permissions;
 
 use std::collections::HashMap;
@@ -30,9 +29,10 @@ use std::time::Duration;
 use base64::Engine;
 use subtle::ConstantTimeEq;
 
+use crate::config::authorization as config;
+pub use crate::config::authorization::{AuthorizationConfig, Secret};
 use crate::protocol::ConnectOptions;
 use crate::tls::PeerIdentity;
-pub use config::{AuthorizationConfig, Secret};
 pub use permissions::{Permissions, PublishCache, Replies, SubscribeCheck};
 
 /// The `-ERR` text of every refused CONNECT.
@@ -317,8 +317,8 @@ fn secret_matches(stored: &str, given: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::config::UserConfig;
     use super::*;
+    use crate::config::authorization::UserConfig;
 
     fn connect(json: &str) -> ConnectOptions {
         ConnectOptions::from_json(json.as_bytes()).unwrap()

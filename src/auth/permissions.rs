@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::subject;
 use crate::sublist::Sublist;
 
-use super::config::{AllowDeny, PermissionsConfig};
+use crate::config::authorization::{AllowDeny, PermissionsConfig};
 
 /// Most subjects a connection remembers publish answers for (nats-server's
 /// `maxPermCacheSize`). When full it is cleared: refilling costs a sublist
@@ -260,7 +260,7 @@ impl Replies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::config::{AllowResponsesConfig, SubjectRulesConfig};
+    use crate::config::authorization::{AllowResponsesConfig, SubjectRulesConfig};
 
     fn rules(allow: Option<&[&str]>, deny: &[&str]) -> Option<SubjectRulesConfig> {
         Some(SubjectRulesConfig::Rules(AllowDeny {
@@ -312,7 +312,7 @@ mod tests {
         assert_eq!(
             p.responses(),
             Some((
-                super::super::config::DEFAULT_RESPONSE_MAX,
+                crate::config::authorization::DEFAULT_RESPONSE_MAX,
                 Duration::from_secs(120)
             ))
         );

@@ -9,7 +9,7 @@
 //!
 //! Later layers add their own tables (`[tls]`, `[cluster]`, `[http]`)
 //! beside `[jetstream]` and `[authorization]` (whose types live in
-//! [`crate::auth::config`]).
+//! [`authorization`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +17,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 pub use crate::units::{parse_duration, parse_size};
+
+pub mod authorization;
 
 /// Everything the server needs to start. `Config::default()` is a working
 /// single node listening on `0.0.0.0:4222`.
@@ -55,7 +57,7 @@ pub struct Config {
     /// Durable streams.
     pub jetstream: JetStreamConfig,
     /// Who may connect and what they may do (`None`: anyone, anything).
-    pub authorization: Option<crate::auth::AuthorizationConfig>,
+    pub authorization: Option<authorization::AuthorizationConfig>,
     /// TLS for client connections; present means required.
     pub tls: Option<TlsConfig>,
 }

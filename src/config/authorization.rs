@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{de_duration, ConfigError};
+use super::{de_duration, ConfigError};
 use crate::subject;
 
 /// How long a client has to send CONNECT when authentication is on:
