@@ -14,13 +14,18 @@
 //! - Empty trie nodes are pruned on removal, so churn does not grow memory.
 //! - The cache is bounded ([`CACHE_MAX`] subjects); when full, a quarter of
 //!   it is dropped.
+//! - A subject is cached only when it misses the cache a second time (a
+//!   "doorkeeper" of recent misses decides), so one-off subjects such as
+//!   request inboxes and PubAck replies neither pay for a cache entry nor
+//!   push hot subjects out.
 //!
 //! The sublist is generic over what a subscription is (`T`): it knows nothing
 //! of connections, streams or routes, only of patterns, queue names and
 //! items compared with `==`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,6 +36,9 @@ use crate::subject::{self, FULL_WILDCARD, SINGLE_WILDCARD};
 
 /// Most subjects kept in the match cache before it is cleared.
 pub const CACHE_MAX: usize = 4096;
+/// Slots of the doorkeeper, each holding the hash of a subject that missed
+/// the cache once.
+const SEEN_SLOTS: usize = 4096;
 
 /// The pattern given to [`Sublist::insert`] is not a valid subscription
 /// subject.
@@ -130,6 +138,10 @@ pub struct Sublist<T> {
     root: RwLock<Level<T>>,
     cache: DashMap<Bytes, Arc<Matches<T>>, ahash::RandomState>,
     count: AtomicUsize,
+    /// The doorkeeper: hashes of subjects that missed once (see the module
+    /// doc). A collision only means a subject is cached a miss later.
+    seen: Box<[AtomicU64]>,
+    hasher: ahash::RandomState,
 }
 
 impl<T: Clone + PartialEq> Default for Sublist<T> {
@@ -144,6 +156,8 @@ impl<T: Clone + PartialEq> Sublist<T> {
             root: RwLock::new(Level::default()),
             cache: DashMap::default(),
             count: AtomicUsize::new(0),
+            seen: (0..SEEN_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: ahash::RandomState::new(),
         }
     }
 
@@ -219,6 +233,13 @@ impl<T: Clone + PartialEq> Sublist<T> {
             .retain(|cached, _| !subject::matches_pattern(pattern, cached));
     }
 
+    /// Whether `subject` missed the cache recently; records it if not.
+    fn seen_before(&self, subject: &[u8]) -> bool {
+        let hash = self.hasher.hash_one(subject);
+        let slot = &self.seen[hash as usize % SEEN_SLOTS];
+        slot.swap(hash, Ordering::Relaxed) == hash
+    }
+
     /// All subscriptions matching the literal `subject`.
     pub fn matches(&self, subject: &[u8]) -> Arc<Matches<T>> {
         if let Some(hit) = self.cache.get(subject) {
@@ -232,6 +253,9 @@ impl<T: Clone + PartialEq> Sublist<T> {
         };
         collect(&root, &tokens, &mut found);
         let found = Arc::new(found);
+        if !self.seen_before(subject) {
+            return found;
+        }
         if self.cache.len() >= CACHE_MAX {
             self.evict();
         }
@@ -395,11 +419,28 @@ mod tests {
         let s = Sublist::new();
         s.insert(b"_INBOX.>", None, 1).unwrap();
         for i in 0..CACHE_MAX * 2 {
-            let m = s.matches(format!("_INBOX.{i}").as_bytes());
-            assert_eq!(names(&m), vec![1]);
+            let subject = format!("_INBOX.{i}");
+            for _ in 0..2 {
+                assert_eq!(names(&s.matches(subject.as_bytes())), vec![1]);
+            }
             assert!(s.cache.len() <= CACHE_MAX);
         }
         assert!(s.cache.len() > CACHE_MAX / 2, "{}", s.cache.len());
+    }
+
+    #[test]
+    fn only_subjects_seen_twice_are_cached() {
+        let s = Sublist::new();
+        s.insert(b"_INBOX.>", None, 1).unwrap();
+        for i in 0..CACHE_MAX * 2 {
+            let m = s.matches(format!("_INBOX.{i}").as_bytes());
+            assert_eq!(names(&m), vec![1]);
+        }
+        assert_eq!(s.cache.len(), 0, "one-off subjects were cached");
+        s.matches(b"orders.new");
+        assert!(!s.cache.contains_key(&b"orders.new"[..]));
+        s.matches(b"orders.new");
+        assert!(s.cache.contains_key(&b"orders.new"[..]));
     }
 
     #[test]
