@@ -1281,6 +1281,39 @@ async fn interest_removes_messages_once_every_interested_consumer_acked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interest_keeps_nothing_nobody_wants() {
+    within("the test", async {
+        let s = JsServer::start().await;
+        let stream = create(
+            &s,
+            StreamConfig {
+                retention: RetentionPolicy::Interest,
+                ..stream_config("NOINT", &["noint.>"])
+            },
+        )
+        .await;
+        // No consumer yet: acknowledged, sequence used, nothing kept.
+        assert_eq!(s.publish_n("noint.x", 2).await, vec![1, 2]);
+        let st = s.stream_info("NOINT").await.state;
+        assert_eq!((st.messages, st.last_sequence), (0, 2));
+        stream
+            .create_consumer(pull::Config {
+                durable_name: Some("only-y".into()),
+                filter_subject: "noint.y".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.publish_n("noint.x", 1).await, vec![3]);
+        assert_eq!(s.publish_n("noint.y", 1).await, vec![4]);
+        let st = s.stream_info("NOINT").await.state;
+        assert_eq!((st.messages, st.first_sequence), (1, 4));
+        s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_storage_stores_serves_and_consumes() {
     within("the test", async {
         let s = JsServer::start().await;

@@ -563,9 +563,10 @@ impl Stream {
         Ok(())
     }
 
-    /// A consumer acknowledged `seq`: under workqueue retention the message
-    /// is done; under interest retention once every consumer that wants it
-    /// has acknowledged it.
+    /// A consumer acknowledged `seq` (or, under interest retention, it was
+    /// just stored): under workqueue retention the message is done; under
+    /// interest retention once every consumer that wants it has
+    /// acknowledged it, at once if none wants it.
     pub(crate) fn acknowledged(&self, seq: u64) {
         let retention = self.config.read().retention;
         let done = match retention {
@@ -671,6 +672,13 @@ impl Stream {
         let queued: usize = batch.iter().map(|m| m.payload().len()).sum();
         self.ingest_bytes.fetch_sub(queued, Ordering::Relaxed);
         let results = self.store_all(&batch);
+        if self.config.read().retention == Retention::Interest {
+            // A message no consumer wants is done as soon as it is stored:
+            // nats-server does not keep it either (its sequence is used up).
+            for ack in results.iter().flatten().filter(|a| !a.duplicate) {
+                self.acknowledged(ack.seq);
+            }
+        }
         Written { batch, results }
     }
 
