@@ -54,6 +54,16 @@ pub struct Removal {
     pub size: u64,
 }
 
+impl From<StoredMessage> for Removal {
+    fn from(m: StoredMessage) -> Removal {
+        Removal {
+            seq: m.seq,
+            size: m.size(),
+            subject: m.subject,
+        }
+    }
+}
+
 /// The counters a backend persists with every batch; the rest of
 /// [`StreamState`] is derived from the stored messages on recovery.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -669,11 +679,7 @@ impl<B: Backend> Inner<B> {
             }
             msgs -= 1;
             bytes = bytes.saturating_sub(m.size());
-            out.push(Removal {
-                seq: m.seq,
-                size: m.size(),
-                subject: m.subject,
-            });
+            out.push(m.into());
             if !self.over_limits(msgs, bytes) {
                 return Ok(());
             }
@@ -847,12 +853,7 @@ impl<B: Backend> Inner<B> {
         let Some(m) = self.backend.get(seq)? else {
             return Ok(false);
         };
-        let removal = Removal {
-            seq,
-            size: m.size(),
-            subject: m.subject,
-        };
-        self.apply(&[], &[removal], None)?;
+        self.apply(&[], &[m.into()], None)?;
         Ok(true)
     }
 
@@ -1019,11 +1020,7 @@ impl<B: Backend> Inner<B> {
                 }
                 msgs -= 1;
                 bytes = bytes.saturating_sub(m.size());
-                pending.push(Removal {
-                    seq: m.seq,
-                    size: m.size(),
-                    subject: m.subject,
-                });
+                pending.push(m.into());
                 if pending.len() >= CHUNK {
                     break;
                 }
