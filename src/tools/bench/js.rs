@@ -362,21 +362,10 @@ async fn publish_acked(
             }
         }
         // Wait for one reply, then take whatever else has arrived.
-        let mut next = match conn.try_next_message() {
-            Ok(Some(message)) => Some(message),
-            Ok(None) => match timeout_at(deadline, conn.next_message()).await {
-                Ok(Ok(message)) => Some(message),
-                Ok(Err(e)) => {
-                    push_error(&mut out.errors, [e.to_string()]);
-                    break;
-                }
-                Err(_) => {
-                    push_error(&mut out.errors, ["timed out waiting for PubAcks".into()]);
-                    break;
-                }
-            },
+        let mut next = match next_within(conn, deadline, "PubAcks").await {
+            Ok(message) => Some(message),
             Err(e) => {
-                push_error(&mut out.errors, [e.to_string()]);
+                push_error(&mut out.errors, [e]);
                 break;
             }
         };
@@ -426,6 +415,24 @@ async fn publish_acked(
 }
 
 /// Whether a PubAck says the message was stored; the reason if not.
+/// The next message: one already read, or the next to arrive before
+/// `deadline`. The error is what the run reports (`waiting` names what was
+/// awaited).
+async fn next_within(
+    conn: &mut Connection,
+    deadline: Instant,
+    waiting: &str,
+) -> Result<Message, String> {
+    match conn.try_next_message() {
+        Ok(Some(message)) => Ok(message),
+        Ok(None) => match timeout_at(deadline, conn.next_message()).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("timed out waiting for {waiting}")),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn ack_outcome(message: &Message) -> Result<(), String> {
     if let Some(code) = headers::status(message.headers()) {
         return Err(match code {
@@ -532,21 +539,10 @@ async fn pull_and_ack(
             next_id += 1;
             continue;
         }
-        let message = match conn.try_next_message() {
-            Ok(Some(message)) => message,
-            Ok(None) => match timeout_at(deadline, conn.next_message()).await {
-                Ok(Ok(message)) => message,
-                Ok(Err(e)) => {
-                    push_error(&mut out.errors, [e.to_string()]);
-                    break;
-                }
-                Err(_) => {
-                    push_error(&mut out.errors, ["timed out waiting for messages".into()]);
-                    break;
-                }
-            },
+        let message = match next_within(conn, deadline, "messages").await {
+            Ok(message) => message,
             Err(e) => {
-                push_error(&mut out.errors, [e.to_string()]);
+                push_error(&mut out.errors, [e]);
                 break;
             }
         };
