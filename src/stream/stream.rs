@@ -563,10 +563,9 @@ impl Stream {
         Ok(())
     }
 
-    /// A consumer acknowledged `seq` (or, under interest retention, it was
-    /// just stored): under workqueue retention the message is done; under
-    /// interest retention once every consumer that wants it has
-    /// acknowledged it, at once if none wants it.
+    /// A consumer acknowledged `seq`: under workqueue retention the message
+    /// is done; under interest retention once every consumer that wants it
+    /// has acknowledged it.
     pub(crate) fn acknowledged(&self, seq: u64) {
         let retention = self.config.read().retention;
         let done = match retention {
@@ -574,21 +573,30 @@ impl Stream {
             Retention::WorkQueue => true,
             // Only here is the message read back: to know whose filter it is.
             Retention::Interest => match self.store.get(seq) {
-                Ok(Some(m)) => self
-                    .consumers
-                    .read()
-                    .values()
-                    .all(|c| !c.wants(&m.subject) || c.has_acked(seq)),
+                Ok(Some(m)) => self.interest_done(seq, &m.subject),
                 _ => false,
             },
         };
         if done {
-            if let Err(e) = self.store.delete(seq) {
-                tracing::warn!(
-                    "stream {}: removing acknowledged {seq} failed: {e}",
-                    self.name
-                );
-            }
+            self.remove_done(seq);
+        }
+    }
+
+    /// Under interest retention: whether no consumer still waits for `seq`
+    /// (on `subject`), which is at once the case when none wants it.
+    fn interest_done(&self, seq: u64, subject: &[u8]) -> bool {
+        self.consumers
+            .read()
+            .values()
+            .all(|c| !c.wants(subject) || c.has_acked(seq))
+    }
+
+    fn remove_done(&self, seq: u64) {
+        if let Err(e) = self.store.delete(seq) {
+            tracing::warn!(
+                "stream {}: removing {seq}, which is done, failed: {e}",
+                self.name
+            );
         }
     }
 
@@ -675,8 +683,12 @@ impl Stream {
         if self.config.read().retention == Retention::Interest {
             // A message no consumer wants is done as soon as it is stored:
             // nats-server does not keep it either (its sequence is used up).
-            for ack in results.iter().flatten().filter(|a| !a.duplicate) {
-                self.acknowledged(ack.seq);
+            for (m, result) in batch.iter().zip(&results) {
+                if let Ok(ack) = result {
+                    if !ack.duplicate && self.interest_done(ack.seq, m.subject()) {
+                        self.remove_done(ack.seq);
+                    }
+                }
             }
         }
         Written { batch, results }
