@@ -336,8 +336,10 @@ pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, s
         return serve_split(server, client, reader, writer, greeting).await;
     };
     let (info, mut greeting) = greet(&server, &client, tls.verify);
+    // Boxed: the handshake's state is large and short-lived, and inline it
+    // would size every connection's task, plain ones included.
     let handshake = tokio::select! {
-        result = tls::accept(&tls, stream, &info) => result,
+        result = Box::pin(tls::accept(&tls, stream, &info)) => result,
         _ = server.shutdown.cancelled() => Err(tls::HandshakeError::Shutdown),
     };
     match handshake {
