@@ -303,6 +303,31 @@ impl<B: Backend> Drop for StreamEngine<B> {
     }
 }
 
+/// The message to store under `seq`, owning copies of its parts.
+fn owned_message(
+    seq: u64,
+    subject: &[u8],
+    header_len: usize,
+    payload: &[u8],
+    timestamp: i64,
+) -> StoredMessage {
+    StoredMessage {
+        seq,
+        subject: Bytes::copy_from_slice(subject),
+        header_len,
+        payload: Bytes::copy_from_slice(payload),
+        timestamp,
+    }
+}
+
+/// The error of a writer whose staged messages could not be committed.
+fn batch_failed(context: &str, why: String) -> StoreError {
+    StoreError::Io {
+        context: context.into(),
+        source: std::io::Error::other(why),
+    }
+}
+
 /// Checks an append's arguments before any lock is taken.
 fn validate_append(subject: &[u8], header_len: usize, payload: &[u8]) -> Result<()> {
     if subject.is_empty() || subject.len() > u16::MAX as usize {
@@ -576,13 +601,7 @@ impl<B: Backend> Inner<B> {
         timestamp: i64,
     ) -> Result<u64> {
         let admission = self.admit(subject, payload.len(), self.counts(subject))?;
-        let msg = StoredMessage {
-            seq: self.last_seq + 1,
-            subject: Bytes::copy_from_slice(subject),
-            header_len,
-            payload: Bytes::copy_from_slice(payload),
-            timestamp,
-        };
+        let msg = owned_message(self.last_seq + 1, subject, header_len, payload, timestamp);
         let mut removed = Vec::new();
         if admission == Admission::AfterRemovals {
             if let Some(max) = limit(self.limits.max_msgs_per_subject) {
@@ -1115,13 +1134,7 @@ impl<B: Backend> Writer<'_, B> {
     }
 
     fn stage(&mut self, subject: &[u8], header_len: usize, payload: &[u8], ts: i64) -> u64 {
-        let msg = StoredMessage {
-            seq: self.last_seq() + 1,
-            subject: Bytes::copy_from_slice(subject),
-            header_len,
-            payload: Bytes::copy_from_slice(payload),
-            timestamp: ts,
-        };
+        let msg = owned_message(self.last_seq() + 1, subject, header_len, payload, ts);
         let seq = msg.seq;
         self.staged_bytes += msg.size();
         if limit(self.inner.limits.max_msgs_per_subject).is_some() {
@@ -1153,10 +1166,10 @@ impl<B: Backend> StoreWriter for Writer<'_, B> {
         timestamp: i64,
     ) -> Result<u64> {
         if let Some(why) = &self.failed {
-            return Err(StoreError::Io {
-                context: "an earlier write of this batch failed".into(),
-                source: std::io::Error::other(why.clone()),
-            });
+            return Err(batch_failed(
+                "an earlier write of this batch failed",
+                why.clone(),
+            ));
         }
         self.inner.check()?;
         validate_append(subject, header_len, payload)?;
@@ -1190,10 +1203,7 @@ impl<B: Backend> StoreWriter for Writer<'_, B> {
     fn commit(mut self: Box<Self>) -> Result<()> {
         self.flush()?;
         match self.failed.take() {
-            Some(why) => Err(StoreError::Io {
-                context: "write batch".into(),
-                source: std::io::Error::other(why),
-            }),
+            Some(why) => Err(batch_failed("write batch", why)),
             None => Ok(()),
         }
     }
