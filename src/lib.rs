@@ -4,7 +4,8 @@
 //! ops; a publish is routed by the server through the [`sublist`] to each
 //! matching [`subscription`]; a client subscriber's frame is queued on its
 //! outbound queue ([`client`]) and written by its writer task, many messages
-//! per syscall.
+//! per syscall. In a [`cluster`], peers with matching interest get the
+//! message forwarded over their route, once each.
 //!
 //! Embed a server with [`Server::start`]:
 //!
@@ -18,6 +19,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod protocol;
 pub mod server;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use skiff::auth::{AuthorizationConfig, Secret};
-use skiff::config::TlsConfig;
+use skiff::config::{cluster::ClusterConfig, TlsConfig};
 use skiff::tools::bench::{self, BenchOptions, Scenario};
 use skiff::tools::conn::{Endpoint, TlsOptions};
 use skiff::tools::{certs, commands, passwd, Credentials, DEFAULT_URL};
@@ -316,6 +316,15 @@ struct ServeArgs {
     /// Token required of clients.
     #[arg(long, conflicts_with = "user")]
     auth: Option<String>,
+    /// Name of the cluster to join (every node of a cluster has the same).
+    #[arg(long = "cluster-name", alias = "cluster_name")]
+    cluster_name: Option<String>,
+    /// Route listen address, HOST:PORT: turns clustering on.
+    #[arg(long = "cluster-listen", alias = "cluster")]
+    cluster_listen: Option<String>,
+    /// Seed routes, nats-route://host:port[,...].
+    #[arg(long, value_delimiter = ',')]
+    routes: Vec<String>,
 }
 
 impl ServeArgs {
@@ -335,6 +344,7 @@ impl ServeArgs {
             config.server_name = Some(name.clone());
         }
         self.apply_tls(&mut config);
+        self.apply_cluster(&mut config);
         config.debug |= self.debug;
         config.trace |= self.trace;
         if self.user.is_some() || self.auth.is_some() {
@@ -348,6 +358,26 @@ impl ServeArgs {
             auth.token = self.auth.clone().map(Secret).or(auth.token.take());
         }
         Ok(config)
+    }
+
+    /// The cluster flags over the file's `[cluster]` table (which they
+    /// create when the file has none).
+    fn apply_cluster(&self, config: &mut Config) {
+        let wanted =
+            self.cluster_listen.is_some() || self.cluster_name.is_some() || !self.routes.is_empty();
+        if !wanted {
+            return;
+        }
+        let cluster = config.cluster.get_or_insert_with(ClusterConfig::default);
+        if let Some(listen) = &self.cluster_listen {
+            cluster.listen = listen.clone();
+        }
+        if let Some(name) = &self.cluster_name {
+            cluster.name = name.clone();
+        }
+        if !self.routes.is_empty() {
+            cluster.routes = self.routes.clone();
+        }
     }
 
     /// The TLS flags over the file's `[tls]` table (which they create when

@@ -8,27 +8,35 @@
 //! Routing ([`ServerState::route`]) is the one place where a published
 //! message meets subscriptions: it asks the sublist (cached) who matches and
 //! hands the message to each plain subscription and to one member of each
-//! queue group. It holds no lock while doing so; each subscriber's queue has
-//! its own short lock.
+//! queue group, preferring a member on this node; peers of a cluster with
+//! matching interest get it forwarded once each ([`crate::cluster`]). It
+//! holds no lock while doing so; each subscriber's queue has its own short
+//! lock.
+//!
+//! Subscriptions enter and leave the sublist through
+//! [`ServerState::add_subscription`] and [`ServerState::unlist_subscription`],
+//! which also keep the cluster's interest (what peers are told) in step.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
+use smallvec::SmallVec;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::client::{self, ClientShared, WakeList};
+use crate::cluster::{names_queue, Cluster, Route};
 use crate::config::Config;
-use crate::protocol::{Limits, Message, ServerInfo};
+use crate::protocol::{encode_info, Limits, Message, ServerInfo};
 use crate::stream::JetStream;
 use crate::sublist::{InvalidSubject, Sublist};
-use crate::subscription::{Delivery, InternalSubscriber, Subscriber, Subscription};
+use crate::subscription::{Delivery, InternalSubscriber, Scope, Subscriber, Subscription};
 use crate::tls::{ReloadableTls, ServerTls};
 
 /// The version Skiff reports in INFO. Clients enable their modern code paths
@@ -45,6 +53,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("durable streams: {0}")]
     JetStream(#[from] crate::stream::JetStreamError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -92,10 +102,22 @@ impl Server {
         if state.tls.is_some() {
             tracing::info!("TLS required for client connections");
         }
+        let route_addr = match &state.config.cluster {
+            Some(config) => {
+                let (cluster, bound) = Cluster::start(&state, config).await?;
+                let _ = state.cluster.set(cluster);
+                Some(bound)
+            }
+            None => None,
+        };
         tracing::info!("Listening for client connections on {addr}");
         let accept = tokio::spawn(accept_loop(Arc::clone(&state), listener));
         tracing::info!("Server is ready");
-        Ok(ServerHandle { state, accept })
+        Ok(ServerHandle {
+            state,
+            accept,
+            route_addr,
+        })
     }
 }
 
@@ -104,6 +126,7 @@ impl Server {
 pub struct ServerHandle {
     state: Arc<ServerState>,
     accept: tokio::task::JoinHandle<()>,
+    route_addr: Option<SocketAddr>,
 }
 
 impl ServerHandle {
@@ -120,6 +143,43 @@ impl ServerHandle {
     /// Number of connected clients.
     pub fn client_count(&self) -> usize {
         self.state.clients.len()
+    }
+
+    /// The address of the route listener, when the node is in a cluster.
+    pub fn route_addr(&self) -> Option<SocketAddr> {
+        self.route_addr
+    }
+
+    /// `nats-route://host:port` for this node, for other nodes' `routes`.
+    pub fn route_url(&self) -> Option<String> {
+        self.route_addr.map(|a| format!("nats-route://{a}"))
+    }
+
+    /// Server names of the peers this node has a route to.
+    pub fn peer_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .state
+            .cluster
+            .get()
+            .map(|c| c.routes().iter().map(|r| r.peer_name.clone()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Whether some peer node has announced interest in `subject` (what a
+    /// test waits for before publishing on this node for a subscriber on
+    /// another).
+    pub fn has_route_interest(&self, subject: &str) -> bool {
+        let matches = self.state.sublist.matches(subject.as_bytes());
+        let routed = |s: &Arc<Subscription>| s.route().is_some();
+        matches.plain.iter().any(routed)
+            || matches.queues.iter().any(|g| g.members.iter().any(routed))
+    }
+
+    /// This server's id (as in INFO).
+    pub fn server_id(&self) -> &str {
+        &self.state.info.server_id
     }
 
     /// Applies what can change while running from `config` (re-read from
@@ -168,6 +228,8 @@ pub(crate) struct ServerState {
     pub clients: DashMap<u64, Arc<ClientShared>>,
     /// Durable streams, when enabled.
     pub jetstream: OnceLock<Arc<JetStream>>,
+    /// Routes to peer nodes, when `[cluster]` is configured.
+    pub cluster: OnceLock<Arc<Cluster>>,
     next_client_id: AtomicU64,
     pub shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -209,6 +271,7 @@ impl ServerState {
             sublist: Sublist::new(),
             clients: DashMap::new(),
             jetstream: OnceLock::new(),
+            cluster: OnceLock::new(),
             next_client_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -220,17 +283,22 @@ impl ServerState {
     }
 
     /// Delivers `msg` to every matching subscription (and one member of each
-    /// matching queue group). `skip_client` is the publisher when it asked
-    /// not to receive its own messages (`echo: false`). Returns whether
-    /// anyone received it.
+    /// matching queue group), forwarding it to peers with interest.
+    /// `skip_client` is the publisher when it asked not to receive its own
+    /// messages (`echo: false`). Returns whether anyone received it.
     pub fn route(&self, msg: &Message, skip_client: Option<u64>, wakes: &mut WakeList) -> bool {
-        self.route_to(msg.subject(), msg, skip_client, wakes)
+        let origin = Origin::Local {
+            skip_client,
+            forward: true,
+        };
+        self.dispatch(msg.subject(), msg, origin, wakes)
     }
 
     /// Like [`ServerState::route`], but to the subscribers of `target`
     /// while the delivered message keeps its own subject: how stream
     /// consumers deliver a stored message to a pull request's inbox or a
-    /// push consumer's deliver subject.
+    /// push consumer's deliver subject. Local subscribers only: a route
+    /// message has one subject, so it cannot carry both.
     pub fn route_to(
         &self,
         target: &[u8],
@@ -238,27 +306,75 @@ impl ServerState {
         skip_client: Option<u64>,
         wakes: &mut WakeList,
     ) -> bool {
+        let origin = Origin::Local {
+            skip_client,
+            forward: target == msg.subject(),
+        };
+        self.dispatch(target, msg, origin, wakes)
+    }
+
+    /// Delivers a message a peer forwarded: to local subscribers only (one
+    /// hop), and to queue groups only if the peer chose this node for them
+    /// (`queues` names them).
+    pub fn route_from_peer(&self, msg: &Message, queues: &[u8], wakes: &mut WakeList) -> bool {
+        self.dispatch(msg.subject(), msg, Origin::Peer { queues }, wakes)
+    }
+
+    fn dispatch(
+        &self,
+        target: &[u8],
+        msg: &Message,
+        origin: Origin<'_>,
+        wakes: &mut WakeList,
+    ) -> bool {
         let matches = self.sublist.matches(target);
         let mut delivered = false;
-        let wanted = |sub: &Subscription| match (skip_client, sub.client()) {
-            (Some(skip), Some(c)) => c.id != skip,
-            _ => true,
-        };
-        for sub in matches.plain.iter().filter(|s| wanted(s)) {
-            delivered |= self.deliver(sub, msg, wakes);
+        let mut forwards = Forwards::default();
+        for sub in matches.plain.iter() {
+            match sub.route() {
+                Some(route) if origin.forwards() => forwards.add(route, None),
+                Some(_) => {}
+                None if origin.wants(sub) => delivered |= self.deliver(sub, msg, wakes),
+                None => {}
+            }
         }
         for group in &matches.queues {
-            // Try members in turn so that one that cannot take the message
-            // (closing, or at its auto-unsubscribe limit) does not lose it.
-            for _ in 0..group.members.len() {
-                let sub = group.pick();
-                if wanted(sub) && self.deliver(sub, msg, wakes) {
-                    delivered = true;
-                    break;
+            if let Origin::Peer { queues } = origin {
+                if !names_queue(queues, &group.name) {
+                    continue;
+                }
+            }
+            if self.deliver_to_member(group, msg, &origin, wakes) {
+                delivered = true;
+            } else if origin.forwards() {
+                let member = group.pick_where(|s| s.route().is_some());
+                if let Some(route) = member.and_then(|s| s.route()) {
+                    forwards.add(route, Some(&group.name));
                 }
             }
         }
-        delivered
+        delivered | forwards.send(msg, wakes)
+    }
+
+    /// Hands `msg` to one local member of `group`. Members are tried in
+    /// turn so that one that cannot take the message (closing, or at its
+    /// auto-unsubscribe limit) does not lose it.
+    fn deliver_to_member(
+        &self,
+        group: &crate::sublist::QueueGroup<Arc<Subscription>>,
+        msg: &Message,
+        origin: &Origin<'_>,
+        wakes: &mut WakeList,
+    ) -> bool {
+        for _ in 0..group.members.len() {
+            let Some(sub) = group.pick_where(|s| s.route().is_none()) else {
+                return false;
+            };
+            if origin.wants(sub) && self.deliver(sub, msg, wakes) {
+                return true;
+            }
+        }
+        false
     }
 
     fn deliver(&self, sub: &Arc<Subscription>, msg: &Message, wakes: &mut WakeList) -> bool {
@@ -281,30 +397,144 @@ impl ServerState {
         delivered
     }
 
-    /// Subscribes a handler inside the server to `subject`.
+    /// Subscribes a handler inside the server to `subject`; `scope` says
+    /// whether peers forward matching messages to it.
     pub fn subscribe_internal(
         &self,
         subject: &str,
-        queue: Option<&str>,
+        scope: Scope,
         handler: Arc<dyn InternalSubscriber>,
     ) -> Result<Arc<Subscription>, InvalidSubject> {
-        let sub = Arc::new(Subscription::new(
+        let mut sub = Subscription::new(
             Bytes::copy_from_slice(subject.as_bytes()),
-            queue.map(|q| Bytes::copy_from_slice(q.as_bytes())),
+            None,
             Bytes::new(),
             Subscriber::Internal(handler),
-        ));
-        self.sublist
-            .insert(&sub.subject, sub.queue.as_deref(), Arc::clone(&sub))?;
+        );
+        if scope == Scope::Node {
+            sub = sub.node_only();
+        }
+        let sub = Arc::new(sub);
+        self.add_subscription(&sub)?;
         Ok(sub)
+    }
+
+    /// Puts a local subscription in the sublist and tells the peers.
+    pub fn add_subscription(&self, sub: &Arc<Subscription>) -> Result<(), InvalidSubject> {
+        self.sublist
+            .insert(&sub.subject, sub.queue.as_deref(), Arc::clone(sub))?;
+        if let Some(cluster) = self.cluster.get().filter(|_| sub.propagates()) {
+            cluster.interest_added(sub);
+        }
+        Ok(())
+    }
+
+    /// Takes a local subscription out of the sublist and tells the peers.
+    pub fn unlist_subscription(&self, sub: &Arc<Subscription>) {
+        let removed = self.sublist.remove(&sub.subject, sub.queue.as_deref(), sub);
+        if let Some(cluster) = self.cluster.get().filter(|_| removed && sub.propagates()) {
+            cluster.interest_removed(sub);
+        }
     }
 
     /// Removes a subscription from the sublist and from its client.
     pub fn remove_subscription(&self, sub: &Arc<Subscription>) {
-        self.sublist.remove(&sub.subject, sub.queue.as_deref(), sub);
+        self.unlist_subscription(sub);
         if let Some(client) = sub.client() {
             client.forget_subscription(&sub.sid);
         }
+    }
+
+    /// The INFO a client is greeted with (before its own fields are set).
+    pub fn client_info(&self) -> ServerInfo {
+        let mut info = self.info.clone();
+        if let Some(cluster) = self.cluster.get() {
+            info.connect_urls = cluster.connect_urls();
+        }
+        info
+    }
+
+    /// Tells clients that asked for updates (CONNECT `protocol: 1`) the
+    /// cluster's client URLs, so they can fail over to another node.
+    pub fn announce_connect_urls(&self) {
+        let mut line = BytesMut::new();
+        encode_info(&mut line, &self.client_info());
+        for client in self.clients.iter() {
+            client.send_info_update(&line);
+        }
+    }
+
+    /// Runs `task` until it ends; shutdown waits for it.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+}
+
+/// Where a message being routed came from, which decides where it may go.
+enum Origin<'a> {
+    /// Published on this node: by a client (`skip_client` when it does not
+    /// want its own messages) or inside the server. `forward`: peers with
+    /// interest get it too.
+    Local {
+        skip_client: Option<u64>,
+        forward: bool,
+    },
+    /// Forwarded by a peer, naming the queue groups it chose this node for.
+    Peer { queues: &'a [u8] },
+}
+
+impl Origin<'_> {
+    fn forwards(&self) -> bool {
+        matches!(self, Origin::Local { forward: true, .. })
+    }
+
+    fn wants(&self, sub: &Subscription) -> bool {
+        match (self, sub.client()) {
+            (
+                Origin::Local {
+                    skip_client: Some(skip),
+                    ..
+                },
+                Some(c),
+            ) => c.id != *skip,
+            _ => true,
+        }
+    }
+}
+
+/// The peers one message goes to, each once, with the queue groups it was
+/// chosen for there. Inline for the usual few peers: no allocation per
+/// message.
+#[derive(Default)]
+struct Forwards<'a>(SmallVec<[Forward<'a>; 4]>);
+
+/// One peer and the queue groups it was chosen for.
+type Forward<'a> = (&'a Arc<Route>, SmallVec<[&'a [u8]; 2]>);
+
+impl<'a> Forwards<'a> {
+    fn add(&mut self, route: &'a Arc<Route>, queue: Option<&'a [u8]>) {
+        let at = match self.0.iter().position(|(r, _)| Arc::ptr_eq(r, route)) {
+            Some(at) => at,
+            None => {
+                self.0.push((route, SmallVec::new()));
+                self.0.len() - 1
+            }
+        };
+        if let Some(queue) = queue {
+            self.0[at].1.push(queue);
+        }
+    }
+
+    /// Queues one RMSG per peer; whether any was queued.
+    fn send(&self, msg: &Message, wakes: &mut WakeList) -> bool {
+        let mut sent = false;
+        for (route, queues) in &self.0 {
+            sent |= route.forward(msg, queues, wakes);
+        }
+        sent
     }
 }
 

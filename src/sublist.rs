@@ -60,6 +60,17 @@ impl<T> QueueGroup<T> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         &self.members[n % self.members.len()]
     }
+
+    /// Like [`QueueGroup::pick`], among the members `eligible` accepts
+    /// (`None` if there are none).
+    pub fn pick_where(&self, eligible: impl Fn(&T) -> bool) -> Option<&T> {
+        let count = self.members.iter().filter(|m| eligible(m)).count();
+        if count == 0 {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.members.iter().filter(|m| eligible(m)).nth(n % count)
+    }
 }
 
 /// Everything that matches one subject.

@@ -4,8 +4,9 @@
 //! [`Subscription::deliver`]. What happens then depends on the kind of
 //! subscriber behind it: a client connection, whose outbound queue gets the
 //! frame, or a handler inside the server (the durable-stream API, a stream
-//! capturing its subjects, acks). Cluster routes (an `RMSG` to a peer) will
-//! be one more kind behind the same call.
+//! capturing its subjects, acks). A cluster route stands for a peer node's
+//! interest: routing forwards to it (one `RMSG` per peer and message)
+//! instead of calling [`Subscription::deliver`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::client::{ClientShared, WakeList};
+use crate::cluster::Route;
 use crate::protocol::Message;
 
 /// Who receives what a subscription matches.
@@ -22,6 +24,19 @@ pub enum Subscriber {
     Client(Arc<ClientShared>),
     /// A handler inside the server.
     Internal(Arc<dyn InternalSubscriber>),
+    /// A peer node whose clients (or streams) want these messages.
+    Route(Arc<Route>),
+}
+
+/// How far news of a subscription travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole cluster: peers are told (`RS+`) and forward matching
+    /// messages here.
+    Cluster,
+    /// This node only: for handlers every node has its own of (the stream
+    /// API), which must not answer requests made on other nodes.
+    Node,
 }
 
 /// A subscriber inside the server.
@@ -49,6 +64,7 @@ pub struct Subscription {
     /// each delivery asks them first. Unset for all other subscriptions, so
     /// they pay nothing.
     deny_filter: bool,
+    pub scope: Scope,
 }
 
 impl PartialEq for Subscription {
@@ -83,7 +99,28 @@ impl Subscription {
             max: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             deny_filter: false,
+            scope: Scope::Cluster,
         }
+    }
+
+    /// Keeps news of this subscription on this node.
+    pub fn node_only(mut self) -> Self {
+        self.scope = Scope::Node;
+        self
+    }
+
+    /// The peer node behind this subscription, if it stands for one.
+    pub fn route(&self) -> Option<&Arc<Route>> {
+        match &self.subscriber {
+            Subscriber::Route(route) => Some(route),
+            _ => None,
+        }
+    }
+
+    /// Whether peers must hear of this subscription: a local one (a client's
+    /// or a handler's) that is not [`Scope::Node`].
+    pub fn propagates(&self) -> bool {
+        self.scope == Scope::Cluster && self.route().is_none()
     }
 
     /// Marks a client subscription that overlaps subjects its client may
@@ -97,7 +134,7 @@ impl Subscription {
     pub fn client(&self) -> Option<&Arc<ClientShared>> {
         match &self.subscriber {
             Subscriber::Client(c) => Some(c),
-            Subscriber::Internal(_) => None,
+            _ => None,
         }
     }
 
@@ -128,6 +165,8 @@ impl Subscription {
         let queued = match &self.subscriber {
             Subscriber::Client(client) => client.deliver(&self.sid, msg, wakes),
             Subscriber::Internal(handler) => handler.receive(msg),
+            // Routing forwards to peers itself, one RMSG per peer.
+            Subscriber::Route(_) => false,
         };
         match (queued, last) {
             (false, _) => Delivery::Skipped,

@@ -29,6 +29,7 @@ mod outbound;
 mod read_buffer;
 
 pub use outbound::{Outbound, PushError, Pushed, SHARE_MIN};
+pub(crate) use read_buffer::ReadBuffer;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -56,7 +57,6 @@ use crate::server::ServerState;
 use crate::subject;
 use crate::subscription::{Subscriber, Subscription};
 use crate::tls::{self, PeerIdentity};
-use read_buffer::ReadBuffer;
 
 /// Most iovecs handed to one vectored write.
 const MAX_IOVECS: usize = 64;
@@ -78,6 +78,8 @@ pub enum CloseReason {
     SlowConsumerWriteDeadline,
     AuthenticationTimeout,
     AuthenticationViolation,
+    /// A route closed because another one to the same peer is kept.
+    DuplicateRoute,
 }
 
 impl fmt::Display for CloseReason {
@@ -95,6 +97,7 @@ impl fmt::Display for CloseReason {
             CloseReason::SlowConsumerWriteDeadline => "Slow Consumer (Write Deadline)",
             CloseReason::AuthenticationTimeout => "Authentication Timeout",
             CloseReason::AuthenticationViolation => "Authentication Failure",
+            CloseReason::DuplicateRoute => "Duplicate Route",
         })
     }
 }
@@ -110,6 +113,8 @@ pub struct ClientShared {
     kill_reason: Mutex<Option<CloseReason>>,
     /// The client said `headers: true` in CONNECT.
     headers: AtomicBool,
+    /// The client said `protocol: 1` in CONNECT: it takes INFO updates.
+    info_updates: AtomicBool,
     subs: Mutex<HashMap<Bytes, Arc<Subscription>, ahash::RandomState>>,
     name: Mutex<String>,
     /// Set once at CONNECT when the client's user has permissions.
@@ -124,7 +129,9 @@ struct ClientAuth {
 }
 
 impl ClientShared {
-    fn new(id: u64, addr: SocketAddr, max_pending: usize) -> ClientShared {
+    /// A connection's shared part; also what a cluster route uses as its
+    /// link (outbound queue, writer, kill switch).
+    pub(crate) fn new(id: u64, addr: SocketAddr, max_pending: usize) -> ClientShared {
         ClientShared {
             id,
             addr,
@@ -132,6 +139,7 @@ impl ClientShared {
             kill: CancellationToken::new(),
             kill_reason: Mutex::new(None),
             headers: AtomicBool::new(false),
+            info_updates: AtomicBool::new(false),
             subs: Mutex::new(HashMap::default()),
             name: Mutex::new(String::new()),
             auth: OnceLock::new(),
@@ -150,7 +158,7 @@ impl ClientShared {
         let pushed = self
             .outbound
             .push_msg(sid, msg, self.headers.load(Ordering::Relaxed));
-        let queued = self.after_push(pushed, wakes);
+        let queued = self.queued(pushed, wakes);
         if queued {
             self.note_reply(msg);
         }
@@ -184,7 +192,9 @@ impl ClientShared {
             .is_some_and(|r| r.lock().consume(subject, std::time::Instant::now()))
     }
 
-    fn after_push(
+    /// Settles a push: a writer to wake goes on `wakes`; a full queue cuts
+    /// the connection off as a slow consumer. Returns whether it queued.
+    pub(crate) fn queued(
         self: &Arc<Self>,
         pushed: Result<Pushed, PushError>,
         wakes: &mut WakeList,
@@ -204,8 +214,44 @@ impl ClientShared {
         }
     }
 
+    /// Queues protocol bytes and wakes the writer at once (for lines sent
+    /// outside a read batch).
+    pub(crate) fn outbound_bytes(self: &Arc<Self>, bytes: &[u8]) {
+        let mut wakes = WakeList::default();
+        let pushed = self.outbound.push_bytes(bytes);
+        self.queued(pushed, &mut wakes);
+        wakes.wake_all();
+    }
+
+    /// Sends an INFO update (`connect_urls` changed) if the client takes them.
+    pub(crate) fn send_info_update(self: &Arc<Self>, line: &[u8]) {
+        if self.info_updates.load(Ordering::Relaxed) {
+            self.outbound_bytes(line);
+        }
+    }
+
+    /// Resolves when the connection has been cut off, with the reason.
+    pub(crate) async fn killed(&self) -> CloseReason {
+        self.kill.cancelled().await;
+        self.kill_reason.lock().unwrap_or(CloseReason::WriteError)
+    }
+
+    /// Closes the outbound queue and lets the writer flush what is queued
+    /// within `deadline`; cuts it off after that.
+    pub(crate) async fn finish(
+        &self,
+        mut write_task: tokio::task::JoinHandle<()>,
+        deadline: std::time::Duration,
+    ) {
+        self.outbound.close();
+        if timeout(deadline, &mut write_task).await.is_err() {
+            self.kill.cancel();
+            let _ = write_task.await;
+        }
+    }
+
     /// Closes the connection now, dropping what is queued.
-    fn cut_off(&self, reason: CloseReason) {
+    pub(crate) fn cut_off(&self, reason: CloseReason) {
         {
             let mut slot = self.kill_reason.lock();
             if slot.is_some() {
@@ -380,7 +426,7 @@ pub(crate) struct Greeting {
 
 /// The INFO this client is greeted with, and the nonce in it.
 fn greet(server: &ServerState, client: &ClientShared, tls_verify: bool) -> (BytesMut, Greeting) {
-    let mut info = server.info.clone();
+    let mut info = server.client_info();
     info.client_id = client.id;
     info.client_ip = client.addr.ip().to_string();
     info.tls_verify = tls_verify;
@@ -448,7 +494,7 @@ impl Connection {
         let period = self.server.config.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let kill = self.client.kill.clone();
+        let client = Arc::clone(&self.client);
         let shutdown = self.server.shutdown.clone();
         // Disabled by its guard once CONNECT is accepted (or when no auth
         // is configured, where the period is never used).
@@ -459,9 +505,7 @@ impl Connection {
             let room = buf.prepare();
             tokio::select! {
                 biased;
-                _ = kill.cancelled() => {
-                    return self.client.kill_reason.lock().unwrap_or(CloseReason::WriteError);
-                }
+                reason = client.killed() => return reason,
                 _ = shutdown.cancelled() => return CloseReason::ServerShutdown,
                 _ = &mut auth_deadline, if self.awaiting_auth => {
                     tracing::debug!("{} - {AUTH_TIMEOUT}", self.client);
@@ -645,6 +689,9 @@ impl Connection {
         self.client
             .headers
             .store(self.options.headers, Ordering::Relaxed);
+        if options.protocol.is_some_and(|p| p >= 1) {
+            self.client.info_updates.store(true, Ordering::Relaxed);
+        }
         if let Some(name) = options.name {
             *self.client.name.lock() = name;
         }
@@ -744,10 +791,7 @@ impl Connection {
         };
         if let Some(sub) = sub {
             // Validated above, so the insert cannot fail.
-            let _ =
-                self.server
-                    .sublist
-                    .insert(&sub.subject, sub.queue.as_deref(), Arc::clone(&sub));
+            let _ = self.server.add_subscription(&sub);
         }
         self.ok();
     }
@@ -790,7 +834,7 @@ impl Connection {
 
     fn send(&mut self, bytes: &[u8]) {
         let pushed = self.client.outbound.push_bytes(bytes);
-        self.client.after_push(pushed, &mut self.wakes);
+        self.client.queued(pushed, &mut self.wakes);
     }
 
     /// Removes every trace of the client from the server, then lets the
@@ -798,25 +842,19 @@ impl Connection {
     async fn cleanup(self, reason: CloseReason, write_task: tokio::task::JoinHandle<()>) {
         let subs: Vec<_> = self.client.subs.lock().drain().map(|(_, s)| s).collect();
         for sub in &subs {
-            self.server
-                .sublist
-                .remove(&sub.subject, sub.queue.as_deref(), sub);
+            self.server.unlist_subscription(sub);
         }
         self.server.clients.remove(&self.client.id);
-        self.client.outbound.close();
-        let deadline = self.server.config.write_deadline;
-        let mut write_task = write_task;
-        if timeout(deadline, &mut write_task).await.is_err() {
-            self.client.kill.cancel();
-            let _ = write_task.await;
-        }
+        self.client
+            .finish(write_task, self.server.config.write_deadline)
+            .await;
         tracing::debug!("{} - Client connection closed: {reason}", self.client);
     }
 }
 
 /// The writer task: takes whatever is queued and writes it, until the queue
 /// is closed and empty or the client is cut off.
-async fn write_loop<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     client: Arc<ClientShared>,
     mut writer: W,
     deadline: std::time::Duration,

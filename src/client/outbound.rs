@@ -100,18 +100,34 @@ impl Outbound {
         };
         // An upper bound of the control line: verb, spaces and two numbers.
         let line_len = 32 + msg.subject().len() + sid.len() + msg.reply().map_or(0, <[u8]>::len);
-        let bound = line_len + payload.len() + CRLF.len();
-        self.push_with(bound, |q| {
-            q.reserve(line_len + SHARE_MIN);
-            let mark = q.arena.len();
+        self.push_frame(line_len, msg, payload, |arena| {
             encode_msg_header(
-                &mut q.arena,
+                arena,
                 msg.subject(),
                 sid,
                 msg.reply(),
                 header_len,
                 payload.len(),
-            );
+            )
+        })
+    }
+
+    /// Queues one frame carrying (part of) `msg`'s body: the control line
+    /// `encode_line` writes (at most `line_len` bytes), then `payload` (a
+    /// tail of `msg.payload()`), then CRLF. The payload is shared, not
+    /// copied, from [`SHARE_MIN`] bytes up.
+    pub fn push_frame(
+        &self,
+        line_len: usize,
+        msg: &Message,
+        payload: &[u8],
+        encode_line: impl FnOnce(&mut BytesMut),
+    ) -> Result<Pushed, PushError> {
+        let bound = line_len + payload.len() + CRLF.len();
+        self.push_with(bound, |q| {
+            q.reserve(line_len + SHARE_MIN);
+            let mark = q.arena.len();
+            encode_line(&mut q.arena);
             let added = q.arena.len() - mark + payload.len() + CRLF.len();
             if payload.len() >= SHARE_MIN {
                 let head = q.arena.split().freeze();

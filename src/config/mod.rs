@@ -7,9 +7,8 @@
 //! `"500ms"` or as a number of seconds; sizes `"1MB"`, `"64MiB"`, `"4KB"` or a
 //! number of bytes.
 //!
-//! Later layers add their own tables (`[tls]`, `[cluster]`, `[http]`)
-//! beside `[jetstream]` and `[authorization]` (whose types live in
-//! [`authorization`]).
+//! Each layer has its own table: `[jetstream]`, `[authorization]` (types in
+//! [`authorization`]), `[tls]`, `[cluster]` (types in [`cluster`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +18,7 @@ use serde::{Deserialize, Deserializer};
 pub use crate::units::{parse_duration, parse_size};
 
 pub mod authorization;
+pub mod cluster;
 
 /// Everything the server needs to start. `Config::default()` is a working
 /// single node listening on `0.0.0.0:4222`.
@@ -60,6 +60,11 @@ pub struct Config {
     pub authorization: Option<authorization::AuthorizationConfig>,
     /// TLS for client connections; present means required.
     pub tls: Option<TlsConfig>,
+    /// `HOST:PORT` clients are told to reach this node at (INFO
+    /// `connect_urls` on other nodes), when `listen` is not it.
+    pub client_advertise: Option<String>,
+    /// Routes to the other nodes of a cluster (`None`: a single node).
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 /// The `[tls]` table. When present every client must use TLS, as with
@@ -219,6 +224,8 @@ impl Default for Config {
             jetstream: JetStreamConfig::default(),
             authorization: None,
             tls: None,
+            client_advertise: None,
+            cluster: None,
         }
     }
 }
@@ -317,6 +324,12 @@ impl Config {
         }
         if let Some(tls) = &self.tls {
             tls.validate()?;
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+            if cluster.max_pending < self.max_payload {
+                return invalid("cluster.max_pending must be at least max_payload");
+            }
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ pub const OK: &[u8] = b"+OK\r\n";
 pub const PING: &[u8] = b"PING\r\n";
 pub const PONG: &[u8] = b"PONG\r\n";
 
-fn put_num(buf: &mut BytesMut, n: usize) {
+pub(crate) fn put_num(buf: &mut BytesMut, n: usize) {
     buf.put_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
@@ -31,7 +31,7 @@ pub fn encode_connect(buf: &mut BytesMut, options: &ConnectOptions) {
     json_line(buf, b"CONNECT ", options);
 }
 
-fn json_line(buf: &mut BytesMut, verb: &[u8], value: &impl serde::Serialize) {
+pub(crate) fn json_line(buf: &mut BytesMut, verb: &[u8], value: &impl serde::Serialize) {
     buf.put_slice(verb);
     // Serialising plain structs of strings and numbers cannot fail.
     let json = serde_json::to_vec(value).unwrap_or_default();
@@ -78,7 +78,12 @@ pub fn encode_pub_header(
     sizes_tail(buf, reply, header_len, total_len);
 }
 
-fn sizes_tail(buf: &mut BytesMut, reply: Option<&[u8]>, header_len: Option<usize>, total: usize) {
+pub(crate) fn sizes_tail(
+    buf: &mut BytesMut,
+    reply: Option<&[u8]>,
+    header_len: Option<usize>,
+    total: usize,
+) {
     if let Some(reply) = reply {
         buf.put_u8(b' ');
         buf.put_slice(reply);

@@ -25,6 +25,9 @@ pub use encode::{
 };
 pub use info::{ConnectOptions, ServerInfo};
 pub use parse::{parse_client_op, parse_server_op, Limits};
+// Building blocks the cluster's route protocol shares with this one.
+pub(crate) use encode::{json_line, sizes_tail};
+pub(crate) use parse::{line, parse_size, payload_len};
 
 use std::fmt;
 use std::ops::Range;

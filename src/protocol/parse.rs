@@ -114,7 +114,7 @@ const VERBS: [Verb; 12] = [
 
 /// A control line: everything up to `\n`, without the line end. Streaming:
 /// `Incomplete` until the `\n` has arrived.
-fn line(input: &[u8]) -> IResult<&[u8], &[u8]> {
+pub(crate) fn line(input: &[u8]) -> IResult<&[u8], &[u8]> {
     match memchr::memchr(b'\n', input) {
         Some(end) => {
             let body = &input[..end];
@@ -176,7 +176,7 @@ impl<'a> Args<'a> {
 
 /// Parses a decimal size as nats-server does: digits only, no sign, no
 /// overflow.
-fn parse_size(digits: &[u8]) -> Option<usize> {
+pub(crate) fn parse_size(digits: &[u8]) -> Option<usize> {
     if digits.is_empty() || digits.len() > 12 {
         return None;
     }
@@ -293,20 +293,31 @@ fn frame(
     }
     if matches!(verb, Verb::Pub | Verb::HPub | Verb::Msg | Verb::HMsg) {
         let (header_len, total) = sizes(verb, argv)?;
-        if total > limits.max_payload {
-            return Err(ProtocolError::MaxPayload);
-        }
-        let Some(tail) = after_line.get(total..) else {
-            return Ok(None);
-        };
-        let Some(end) = payload_end(tail)? else {
+        let Some(body_len) = payload_len(after_line, total, limits)? else {
             return Ok(None);
         };
         frame.header_len = header_len;
         frame.payload = line_len..line_len + total;
-        frame.len = line_len + total + end;
+        frame.len = line_len + body_len;
     }
     Ok(Some(frame))
+}
+
+/// How many bytes after a control line a payload of `total` bytes occupies
+/// with its line end, once all of them have arrived (`Ok(None)` before).
+/// Over `max_payload` is refused before anything is waited for.
+pub(crate) fn payload_len(
+    after_line: &[u8],
+    total: usize,
+    limits: &Limits,
+) -> Result<Option<usize>, ProtocolError> {
+    if total > limits.max_payload {
+        return Err(ProtocolError::MaxPayload);
+    }
+    let Some(tail) = after_line.get(total..) else {
+        return Ok(None);
+    };
+    Ok(payload_end(tail)?.map(|end| total + end))
 }
 
 /// Cuts a parsed frame out of the buffer, zero-copy.

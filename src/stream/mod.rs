@@ -35,7 +35,7 @@ use crate::config::{JetStreamConfig, SyncPolicy};
 use crate::protocol::Message;
 use crate::server::ServerState;
 use crate::store::{FileStorage, StoreError};
-use crate::subscription::{InternalSubscriber, Subscription};
+use crate::subscription::{InternalSubscriber, Scope, Subscription};
 
 use api::{
     now_nanos, reply_json, ApiError, CreateConsumerRequest, ListRequest, MsgDeleteRequest,
@@ -124,7 +124,9 @@ impl JetStream {
             .map_err(JetStreamError::Thread)?;
         let handler: Arc<dyn InternalSubscriber> = Arc::new(ApiHandler(Arc::downgrade(&js)));
         let subs = [API_PREFIX, ACK_PREFIX, FLOW_CONTROL_PREFIX].map(|prefix| {
-            server.subscribe_internal(&format!("{prefix}>"), None, Arc::clone(&handler))
+            // Every node has its own stream API: a request is answered by
+            // the node the client is connected to.
+            server.subscribe_internal(&format!("{prefix}>"), Scope::Node, Arc::clone(&handler))
         });
         for sub in subs.into_iter().flatten() {
             js.subscriptions.lock().push(sub);

@@ -27,7 +27,7 @@ use crate::store::{
     MemoryStore, StoreError, StoreLimits, StoreWriter, StoredMessage, StreamState, StreamStore,
 };
 use crate::subject;
-use crate::subscription::{InternalSubscriber, Subscription};
+use crate::subscription::{InternalSubscriber, Scope, Subscription};
 
 use super::api::{
     now_nanos, rfc3339, ApiError, ClusterInfo, ConsumerConfig, Discard, MsgGetRequest,
@@ -264,7 +264,7 @@ impl Stream {
             server.remove_subscription(&sub);
         }
         for s in &self.config.read().subjects {
-            match server.subscribe_internal(s, None, Arc::clone(&handler)) {
+            match server.subscribe_internal(s, Scope::Cluster, Arc::clone(&handler)) {
                 Ok(sub) => subs.push(sub),
                 Err(e) => tracing::error!("stream {}: cannot capture {s}: {e}", self.name),
             }

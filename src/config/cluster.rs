@@ -1,0 +1,122 @@
+//! The `[cluster]` table: how this node joins a mesh of Skiff nodes.
+//!
+//! Key names follow nats-server's `cluster {}` block (`name`, `listen`,
+//! `routes`, `advertise`, `connect_retries`), so an operator's knowledge
+//! carries over. The route port is separate from the client port; routes
+//! can be encrypted and authenticated on their own (`[cluster.tls]`,
+//! `[cluster.authorization]`).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::authorization::Secret;
+use super::{de_duration, de_size, ConfigError, TlsConfig};
+
+/// The `[cluster]` table. Present means this node routes messages to peers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Every node of one mesh has the same name; a route from a node of
+    /// another cluster is refused.
+    pub name: String,
+    /// Route listen address, `HOST:PORT` (port 0: any free port).
+    pub listen: String,
+    /// Seed routes, `nats-route://[user:pass@]host:port`: dialled at start
+    /// and re-dialled for as long as the node runs. The rest of the mesh is
+    /// learnt from the seeds (gossip).
+    pub routes: Vec<String>,
+    /// `HOST:PORT` other nodes should dial for this node, when `listen` is
+    /// not reachable as written (a wildcard address, NAT).
+    pub advertise: Option<String>,
+    /// How many times a route learnt by gossip is re-dialled after it drops
+    /// before the node gives up on that peer (seeds are re-dialled forever).
+    pub connect_retries: u32,
+    /// First wait between dial attempts; it doubles up to
+    /// `connect_backoff_max`.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_backoff: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_backoff_max: Duration,
+    /// Bytes queued to one route before it is cut off as a slow route. Larger
+    /// than a client's budget: a route carries many clients' traffic.
+    #[serde(deserialize_with = "de_size")]
+    pub max_pending: usize,
+    /// TLS between nodes: each node presents `cert_file` and, with `verify`,
+    /// requires its peer's certificate signed by `ca_file` (mutual TLS).
+    /// Routes start TLS at once, before any protocol line.
+    pub tls: Option<TlsConfig>,
+    /// Credentials a dialling node must present.
+    pub authorization: Option<RouteAuthorization>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: "skiff".to_string(),
+            listen: "0.0.0.0:6222".to_string(),
+            routes: Vec::new(),
+            advertise: None,
+            connect_retries: 10,
+            connect_backoff: Duration::from_millis(100),
+            connect_backoff_max: Duration::from_secs(5),
+            max_pending: 256 * 1024 * 1024,
+            tls: None,
+            authorization: None,
+        }
+    }
+}
+
+/// `[cluster.authorization]`: one user and password (or a token) every node
+/// of the mesh uses, as nats-server's cluster `authorization {}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteAuthorization {
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
+}
+
+impl ClusterConfig {
+    /// A cluster named `name` with routes on `listen`, seeded with `routes`.
+    pub fn new(name: &str, listen: &str, routes: &[String]) -> ClusterConfig {
+        ClusterConfig {
+            name: name.to_string(),
+            listen: listen.to_string(),
+            routes: routes.to_vec(),
+            ..ClusterConfig::default()
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(format!("cluster: {m}")));
+        if self.name.is_empty() || self.name.contains(char::is_whitespace) {
+            return invalid(format!("name {:?} must be one word", self.name));
+        }
+        for url in &self.routes {
+            if crate::cluster::RouteUrl::parse(url).is_none() {
+                return invalid(format!(
+                    "route {url:?} is not nats-route://[user:pass@]host:port"
+                ));
+            }
+        }
+        if self.connect_backoff.is_zero() || self.connect_backoff_max < self.connect_backoff {
+            return invalid(
+                "connect_backoff must be > 0 and at most connect_backoff_max".to_string(),
+            );
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
+        if let Some(auth) = &self.authorization {
+            let user_pass = auth.user.is_some() || auth.password.is_some();
+            if user_pass && (auth.user.is_none() || auth.password.is_none()) {
+                return invalid("authorization needs both user and password".to_string());
+            }
+            if user_pass == auth.token.is_some() {
+                return invalid("authorization takes user and password, or a token".to_string());
+            }
+        }
+        Ok(())
+    }
+}

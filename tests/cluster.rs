@@ -1,0 +1,477 @@
+//! Clusters of embedded nodes (port 0 everywhere), driven by async-nats and
+//! raw route connections: the mesh forms by gossip, messages cross it once,
+//! queue groups stay exactly-once cluster-wide, and nodes come and go.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::jetstream::eventually;
+use common::{nats, next_msg, round_trip, within, Raw, WAIT};
+use futures::StreamExt;
+use skiff::config::cluster::ClusterConfig;
+use skiff::{Config, Server, ServerHandle};
+
+/// A node named `name` in cluster "test", seeded with `seeds`, with fast
+/// re-dials so tests do not wait on backoff.
+fn node_config(name: &str, seeds: &[String]) -> Config {
+    let mut config = Config::core("127.0.0.1:0");
+    config.server_name = Some(name.to_string());
+    let mut cluster = ClusterConfig::new("test", "127.0.0.1:0", seeds);
+    cluster.connect_backoff = Duration::from_millis(20);
+    cluster.connect_backoff_max = Duration::from_millis(200);
+    config.cluster = Some(cluster);
+    config
+}
+
+async fn node(name: &str, seeds: &[String]) -> ServerHandle {
+    Server::start(node_config(name, seeds))
+        .await
+        .expect("node starts")
+}
+
+fn seed(node: &ServerHandle) -> Vec<String> {
+    vec![node.route_url().expect("node has a route listener")]
+}
+
+/// Waits until every node has a route to every other one (by name).
+async fn wait_for_mesh(nodes: &[&ServerHandle]) {
+    for n in nodes {
+        eventually("full mesh", WAIT, || async {
+            (n.peer_names().len() == nodes.len() - 1).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A, B and C, where B and C know only A: the mesh forms by gossip.
+async fn three_nodes() -> (ServerHandle, ServerHandle, ServerHandle) {
+    let a = node("A", &[]).await;
+    let b = node("B", &seed(&a)).await;
+    let c = node("C", &seed(&a)).await;
+    wait_for_mesh(&[&a, &b, &c]).await;
+    (a, b, c)
+}
+
+/// Waits until `node` has heard (RS+) that a peer wants `subject`.
+async fn wait_for_interest(node: &ServerHandle, subject: &str) {
+    eventually(&format!("route interest in {subject}"), WAIT, || async {
+        node.has_route_interest(subject).then_some(())
+    })
+    .await;
+}
+
+async fn shutdown(nodes: impl IntoIterator<Item = ServerHandle>) {
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+fn text(msg: &async_nats::Message) -> String {
+    String::from_utf8_lossy(&msg.payload).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_forms_a_full_mesh_without_duplicate_routes() {
+    let (a, b, c) = three_nodes().await;
+    assert_eq!(a.peer_names(), ["B", "C"]);
+    assert_eq!(b.peer_names(), ["A", "C"]);
+    assert_eq!(c.peer_names(), ["A", "B"]);
+    // Two nodes that dial each other at once keep exactly one route.
+    let mut x_config = node_config("X", &[]);
+    let x_listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let x_addr = x_listen.local_addr().unwrap();
+    drop(x_listen);
+    x_config.cluster.as_mut().unwrap().listen = x_addr.to_string();
+    let y = node("Y", &[format!("nats-route://{x_addr}")]).await;
+    x_config.cluster.as_mut().unwrap().routes = seed(&y);
+    let x = Server::start(x_config).await.unwrap();
+    wait_for_mesh(&[&x, &y]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        (x.peer_names(), y.peer_names()),
+        (vec!["Y".to_string()], vec!["X".to_string()])
+    );
+    shutdown([a, b, c, x, y]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_and_wildcards_cross_nodes_in_order() {
+    let (a, b, c) = three_nodes().await;
+    let (pa, sb, sc) = (nats(&a).await, nats(&b).await, nats(&c).await);
+    let mut exact = sb.subscribe("orders.new").await.unwrap();
+    let mut star = sc.subscribe("orders.*").await.unwrap();
+    let mut full = sc.subscribe("orders.>").await.unwrap();
+    round_trip(&sb).await;
+    round_trip(&sc).await;
+    wait_for_interest(&a, "orders.new").await;
+    wait_for_interest(&a, "orders.x.y").await;
+
+    for i in 0..200 {
+        pa.publish("orders.new", i.to_string().into())
+            .await
+            .unwrap();
+    }
+    pa.publish("orders.x.y", "deep".into()).await.unwrap();
+    for sub in [&mut exact, &mut star, &mut full] {
+        for i in 0..200 {
+            assert_eq!(text(&next_msg(sub).await), i.to_string(), "in order");
+        }
+    }
+    assert_eq!(text(&next_msg(&mut full).await), "deep");
+    // Nothing arrives twice, though C matches the subject with two patterns.
+    round_trip(&sc).await;
+    assert!(ready(&mut star).is_empty() && ready(&mut full).is_empty());
+    shutdown([a, b, c]).await;
+}
+
+/// Messages already delivered to `sub`, without waiting.
+fn ready(sub: &mut async_nats::Subscriber) -> Vec<async_nats::Message> {
+    use futures::FutureExt;
+    let mut out = Vec::new();
+    while let Some(Some(m)) = tokio::task::unconstrained(sub.next()).now_or_never() {
+        out.push(m);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_gets_every_message_once() {
+    let (a, b, c) = three_nodes().await;
+    let clients = [nats(&a).await, nats(&b).await, nats(&c).await];
+    let mut subs = Vec::new();
+    for client in &clients {
+        subs.push(client.subscribe("fan").await.unwrap());
+        round_trip(client).await;
+    }
+    for n in [&a, &b, &c] {
+        wait_for_interest(n, "fan").await;
+    }
+    for i in 0..1000 {
+        clients[i % 3]
+            .publish("fan", i.to_string().into())
+            .await
+            .unwrap();
+    }
+    for sub in &mut subs {
+        let mut seen = HashSet::new();
+        for _ in 0..1000 {
+            assert!(seen.insert(text(&next_msg(sub).await)), "duplicate");
+        }
+    }
+    for (client, sub) in clients.iter().zip(&mut subs) {
+        round_trip(client).await;
+        assert!(ready(sub).is_empty(), "more than 1000");
+    }
+    shutdown([a, b, c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_group_across_nodes_gets_each_message_exactly_once() {
+    let (a, b, c) = three_nodes().await;
+    let clients = [nats(&a).await, nats(&b).await, nats(&c).await];
+    let mut members = Vec::new();
+    for client in &clients {
+        members.push(
+            client
+                .queue_subscribe("work", "workers".into())
+                .await
+                .unwrap(),
+        );
+        round_trip(client).await;
+    }
+    // Publish from a node and a client with no member of their own.
+    let d = node("D", &seed(&a)).await;
+    wait_for_mesh(&[&a, &b, &c, &d]).await;
+    wait_for_interest(&d, "work").await;
+    let publisher = nats(&d).await;
+    for i in 0..3000 {
+        publisher
+            .publish("work", i.to_string().into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let mut counts = BTreeMap::new();
+    let mut seen = HashSet::new();
+    let all = within("3000 queue messages", async {
+        while seen.len() < 3000 {
+            for (i, m) in members.iter_mut().enumerate() {
+                for msg in ready(m) {
+                    assert!(seen.insert(text(&msg)), "delivered twice: {}", text(&msg));
+                    *counts.entry(i).or_insert(0) += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen.len()
+    })
+    .await;
+    assert_eq!(all, 3000);
+    // Every node's member did some of the work.
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for client in &clients {
+        round_trip(client).await;
+    }
+    for m in &mut members {
+        assert!(ready(m).is_empty(), "a message went twice");
+    }
+
+    // A local member is preferred: published on A, everything stays on A.
+    for i in 0..100 {
+        clients[0]
+            .publish("work", format!("local{i}").into())
+            .await
+            .unwrap();
+    }
+    for _ in 0..100 {
+        assert!(text(&next_msg(&mut members[0]).await).starts_with("local"));
+    }
+    shutdown([a, b, c, d]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_across_nodes_and_no_responders_too() {
+    let (a, b, c) = three_nodes().await;
+    let (service, requester) = (nats(&b).await, nats(&c).await);
+    let mut requests = service.subscribe("time.now").await.unwrap();
+    round_trip(&service).await;
+    wait_for_interest(&c, "time.now").await;
+    let answer = tokio::spawn(async move {
+        let req = requests.next().await.unwrap();
+        service
+            .publish(req.reply.unwrap(), "noon".into())
+            .await
+            .unwrap();
+        service.flush().await.unwrap();
+        service
+    });
+    let reply = within(
+        "a reply across nodes",
+        requester.request("time.now", "?".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(text(&reply), "noon");
+    let _service = answer.await.unwrap();
+    // Nobody anywhere: the requester is told at once.
+    let err = within(
+        "no responders",
+        requester.request("nobody.home", "?".into()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), async_nats::RequestErrorKind::NoResponders);
+    shutdown([a, b, c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_stops_forwarding() {
+    let (a, b, c) = three_nodes().await;
+    let sub_client = nats(&b).await;
+    let mut sub = sub_client.subscribe("temp").await.unwrap();
+    round_trip(&sub_client).await;
+    wait_for_interest(&a, "temp").await;
+    sub.unsubscribe().await.unwrap();
+    round_trip(&sub_client).await;
+    eventually("interest withdrawn", WAIT, || async {
+        (!a.has_route_interest("temp")).then_some(())
+    })
+    .await;
+    // Two subscriptions on one node: the interest lasts until both go.
+    let mut s1 = sub_client.subscribe("temp").await.unwrap();
+    let _s2 = sub_client.subscribe("temp").await.unwrap();
+    round_trip(&sub_client).await;
+    wait_for_interest(&a, "temp").await;
+    s1.unsubscribe().await.unwrap();
+    round_trip(&sub_client).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(a.has_route_interest("temp"));
+    shutdown([a, b, c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_survives_the_seed_and_finds_late_joiners() {
+    let (a, b, c) = three_nodes().await;
+    // D knows only C, and still gets what is published on A.
+    let d = node("D", &seed(&c)).await;
+    wait_for_mesh(&[&a, &b, &c, &d]).await;
+    let on_d = nats(&d).await;
+    let mut sub = on_d.subscribe("late").await.unwrap();
+    round_trip(&on_d).await;
+    wait_for_interest(&a, "late").await;
+    let on_a = nats(&a).await;
+    on_a.publish("late", "hi".into()).await.unwrap();
+    on_a.flush().await.unwrap();
+    assert_eq!(text(&next_msg(&mut sub).await), "hi");
+
+    // The seed goes away: B still reaches C.
+    a.shutdown().await;
+    let on_c = nats(&c).await;
+    let mut sub = on_c.subscribe("after").await.unwrap();
+    round_trip(&on_c).await;
+    wait_for_interest(&b, "after").await;
+    let on_b = nats(&b).await;
+    on_b.publish("after", "still here".into()).await.unwrap();
+    assert_eq!(text(&next_msg(&mut sub).await), "still here");
+    shutdown([b, c, d]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_fails_over_to_a_node_it_learnt_from_connect_urls() {
+    let (a, b, c) = three_nodes().await;
+    let client = within(
+        "connect",
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(a.client_url()),
+    )
+    .await
+    .unwrap();
+    let mut sub = client.subscribe("alive").await.unwrap();
+    round_trip(&client).await;
+    // The INFO it got names the other nodes' client URLs.
+    let (mut raw, info) = Raw::connect_info(a.addr()).await;
+    let urls = info["connect_urls"].as_array().cloned().unwrap_or_default();
+    assert_eq!(urls.len(), 3, "{info}");
+    raw.send("PING\r\n").await;
+
+    a.shutdown().await;
+    let publisher = nats(&b).await;
+    // The client reconnects to B or C and re-subscribes; publish until the
+    // subscription works again.
+    within("the subscription to work again", async {
+        loop {
+            publisher.publish("alive", "yes".into()).await.unwrap();
+            if let Ok(Some(msg)) =
+                tokio::time::timeout(Duration::from_millis(200), sub.next()).await
+            {
+                break msg;
+            }
+        }
+    })
+    .await;
+    shutdown([b, c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_rejoins_and_routes_both_ways() {
+    let (a, b, c) = three_nodes().await;
+    c.shutdown().await;
+    eventually("A to notice C is gone", WAIT, || async {
+        (a.peer_names() == ["B"]).then_some(())
+    })
+    .await;
+    let c = node("C", &seed(&a)).await;
+    wait_for_mesh(&[&a, &b, &c]).await;
+    let (on_a, on_c) = (nats(&a).await, nats(&c).await);
+    let mut at_a = on_a.subscribe("to.a").await.unwrap();
+    let mut at_c = on_c.subscribe("to.c").await.unwrap();
+    round_trip(&on_a).await;
+    round_trip(&on_c).await;
+    wait_for_interest(&c, "to.a").await;
+    wait_for_interest(&a, "to.c").await;
+    on_c.publish("to.a", "from c".into()).await.unwrap();
+    on_a.publish("to.c", "from a".into()).await.unwrap();
+    assert_eq!(text(&next_msg(&mut at_a).await), "from c");
+    assert_eq!(text(&next_msg(&mut at_c).await), "from a");
+    shutdown([a, b, c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_sends_garbage_is_closed_and_the_node_carries_on() {
+    let a = node("A", &[]).await;
+    let route_addr = a.route_addr().unwrap();
+    let mut raw = Raw::connect(route_addr).await;
+    let info = raw.read_line().await;
+    assert!(
+        info.starts_with(b"INFO {"),
+        "{}",
+        String::from_utf8_lossy(&info)
+    );
+    raw.send("HELLO THERE\r\n").await;
+    let rest = raw.read_to_close().await;
+    assert!(
+        String::from_utf8_lossy(&rest).contains("-ERR"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    // A route of another cluster is refused too.
+    let mut raw = Raw::connect(route_addr).await;
+    raw.read_line().await;
+    raw.send("CONNECT {\"server_id\":\"NX\",\"cluster\":\"other\"}\r\n")
+        .await;
+    let rest = raw.read_to_close().await;
+    assert!(String::from_utf8_lossy(&rest).contains("cluster"));
+    // Clients are unaffected.
+    let client = nats(&a).await;
+    round_trip(&client).await;
+    assert!(a.peer_names().is_empty());
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_stops_reading_is_cut_off_as_a_slow_route() {
+    let mut config = node_config("A", &[]);
+    config.cluster.as_mut().unwrap().max_pending = 256 * 1024;
+    config.max_pending = 256 * 1024;
+    config.max_payload = 64 * 1024;
+    let a = Server::start(config).await.unwrap();
+    // A hand-made peer: handshake, ask for everything, never read again.
+    let mut raw = Raw::connect(a.route_addr().unwrap()).await;
+    raw.read_line().await;
+    raw.send(
+        "CONNECT {\"server_id\":\"NSTALLED\",\"cluster\":\"test\"}\r\n\
+         INFO {\"server_id\":\"NSTALLED\",\"server_name\":\"stalled\",\"cluster\":\"test\",\
+         \"route_addr\":\"127.0.0.1:1\",\"client_addr\":\"127.0.0.1:1\"}\r\n\
+         RS+ $G flood\r\n",
+    )
+    .await;
+    wait_for_interest(&a, "flood").await;
+    assert_eq!(a.peer_names(), ["stalled"]);
+    let publisher = nats(&a).await;
+    let payload = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+    within("the stalled route to be cut off", async {
+        for _ in 0..100_000 {
+            publisher.publish("flood", payload.clone()).await.unwrap();
+            if a.peer_names().is_empty() {
+                return;
+            }
+        }
+        panic!("never cut off");
+    })
+    .await;
+    round_trip(&publisher).await;
+    drop(raw);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_need_the_cluster_credentials() {
+    use skiff::config::authorization::Secret;
+    use skiff::config::cluster::RouteAuthorization;
+    let auth = |user: &str, pass: &str| RouteAuthorization {
+        user: Some(user.to_string()),
+        password: Some(Secret(pass.to_string())),
+        token: None,
+    };
+    let mut a_config = node_config("A", &[]);
+    a_config.cluster.as_mut().unwrap().authorization = Some(auth("route", "s3cret"));
+    let a = Server::start(a_config).await.unwrap();
+    let addr = a.route_addr().unwrap();
+    // Wrong password in the seed URL: refused, however often it retries.
+    let b = node("B", &[format!("nats-route://route:wrong@{addr}")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.peer_names().is_empty() && b.peer_names().is_empty());
+    // Credentials from the URL, and from the node's own authorization.
+    let c = node("C", &[format!("nats-route://route:s3cret@{addr}")]).await;
+    let mut d_config = node_config("D", &seed(&a));
+    d_config.cluster.as_mut().unwrap().authorization = Some(auth("route", "s3cret"));
+    let d = Server::start(d_config).await.unwrap();
+    eventually("C and D to join A", WAIT, || async {
+        (a.peer_names() == ["C", "D"]).then_some(())
+    })
+    .await;
+    shutdown([a, b, c, d]).await;
+}
