@@ -7,11 +7,16 @@
 #   RUNS=5 MSGS=2000000 scripts/compare-nats-server.sh
 #   SECTIONS=js scripts/compare-nats-server.sh   # durable streams only
 #   SECTIONS=tls RUNS=1 scripts/compare-nats-server.sh   # TLS only
+#   SECTIONS=cluster RUNS=3 scripts/compare-nats-server.sh  # 2-node clusters
 #
-# Three sections: `core` (plain NATS messaging), `js` (durable streams:
+# Four sections: `core` (plain NATS messaging), `js` (durable streams:
 # jspub and jsconsume) and `tls` (core messaging, idle connections and
 # connection set-up over TLS, both servers with the same certificate made
-# by `skiff gen-certs`; clients are not asked for certificates). nats-server always runs with JetStream on (`-js`, a
+# by `skiff gen-certs`; clients are not asked for certificates) and
+# `cluster` (two nodes of each, routed to each other on loopback, streams
+# off on both; publishers on the first node, subscribers and repliers on the
+# second, so every message crosses the route; CPU is both nodes' together).
+# Outside the cluster section nats-server runs with JetStream on (`-js`, a
 # fresh store directory), as Skiff does. The js section measures Skiff
 # twice, as two servers started side by side: with its default
 # `sync = "always"` (fsync before every PubAck, concurrent publishes sharing
@@ -37,7 +42,7 @@ TIMEOUT=${TIMEOUT:-120s}      # bound on each bench run
 JS_MSGS=${JS_MSGS:-200000}    # jspub 16 B, and jsconsume of those messages
 JS_BIG_MSGS=${JS_BIG_MSGS:-100000}  # jspub 1 KiB
 TLS_CONNS=${TLS_CONNS:-$CONNS}  # idle TLS connections
-SECTIONS=${SECTIONS:-core js tls}
+SECTIONS=${SECTIONS:-core js tls cluster}
 
 log() { echo "$*" >&2; }
 
@@ -61,16 +66,19 @@ SKIFF=${CARGO_TARGET_DIR:-target}/release/skiff
 ulimit -n $(((CONNS > TLS_CONNS ? CONNS : TLS_CONNS) + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 WORK=$(mktemp -d)
-# The servers of the current pass by name (skiff, skiff2m, nats).
-declare -A URL PID
+# The servers of the current pass by name (skiff, skiff2m, nats, ...); for a
+# cluster, SUBURL and PID2 are its second node's.
+declare -A URL PID SUBURL PID2
 
 stop_servers() {
-    for pid in "${PID[@]}"; do
+    for pid in "${PID[@]}" "${PID2[@]}"; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
     URL=()
     PID=()
+    SUBURL=()
+    PID2=()
 }
 
 cleanup() {
@@ -100,6 +108,7 @@ wait_for_port() {
 # Skiff with stream writes fsynced every 2 minutes instead of before each
 # PubAck; everything else at its defaults.
 printf '[jetstream]\nsync = "2m"\n' >"$WORK/skiff-2m.toml"
+printf '[jetstream]\nenabled = false\n' >"$WORK/skiff-core.toml"
 
 # One certificate for both TLS servers, trusted by the bench through the CA.
 CERTS=$WORK/certs
@@ -148,9 +157,47 @@ start_servers() {
     done
 }
 
-# Clock ticks of CPU a process has used (user + system).
+# start_clusters: two 2-node clusters, skiffc and natsc, on free ports; the
+# second node of each is seeded with the first.
+start_clusters() {
+    stop_servers
+    local name a b ra rb
+    for name in skiffc natsc; do
+        a=$(free_port) b=$(free_port) ra=$(free_port) rb=$(free_port)
+        if [[ $name == skiffc ]]; then
+            "$SKIFF" serve -c "$WORK/skiff-core.toml" --listen "127.0.0.1:$a" \
+                --cluster-name bench --cluster-listen "127.0.0.1:$ra" >>"$WORK/$name-a.log" 2>&1 &
+            PID[$name]=$!
+            "$SKIFF" serve -c "$WORK/skiff-core.toml" --listen "127.0.0.1:$b" \
+                --cluster-name bench --cluster-listen "127.0.0.1:$rb" \
+                --routes "nats-route://127.0.0.1:$ra" >>"$WORK/$name-b.log" 2>&1 &
+            PID2[$name]=$!
+        else
+            "$NATS_SERVER" -a 127.0.0.1 -p "$a" --cluster_name bench \
+                --cluster "nats://127.0.0.1:$ra" >>"$WORK/$name-a.log" 2>&1 &
+            PID[$name]=$!
+            "$NATS_SERVER" -a 127.0.0.1 -p "$b" --cluster_name bench \
+                --cluster "nats://127.0.0.1:$rb" --routes "nats://127.0.0.1:$ra" \
+                >>"$WORK/$name-b.log" 2>&1 &
+            PID2[$name]=$!
+        fi
+        URL[$name]="nats://127.0.0.1:$a"
+        SUBURL[$name]="nats://127.0.0.1:$b"
+        wait_for_port "$a" "$WORK/$name-a.log"
+        wait_for_port "$b" "$WORK/$name-b.log"
+    done
+}
+
+# Clock ticks of CPU the processes PID... have used (user + system); empty
+# arguments are skipped.
 cpu_ticks() {
-    awk '{ print $14 + $15 }' "/proc/$1/stat"
+    local total=0 pid
+    for pid in "$@"; do
+        if [[ -n $pid ]]; then
+            total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+        fi
+    done
+    echo "$total"
 }
 
 # bench KEY SERVER ARGS...: one `skiff bench` run against SERVER (skiff,
@@ -158,16 +205,19 @@ cpu_ticks() {
 bench() {
     local key=$1 server=$2
     shift 2
-    local url=${URL[$server]} pid=${PID[$server]}
-    local before json
-    before=$(cpu_ticks "$pid")
+    local url=${URL[$server]} pid=${PID[$server]} pid2=${PID2[$server]:-}
+    local before json extra=()
+    if [[ -n ${SUBURL[$server]:-} ]]; then
+        extra=(--sub-server "${SUBURL[$server]}")
+    fi
+    before=$(cpu_ticks "$pid" "$pid2")
     # A run that lost messages exits non-zero but still prints its summary.
-    json=$("$SKIFF" bench -s "$url" --json --no-progress --timeout "$TIMEOUT" --server-pid "$pid" "$@" || true)
+    json=$("$SKIFF" bench -s "$url" "${extra[@]}" --json --no-progress --timeout "$TIMEOUT" --server-pid "$pid" "$@" || true)
     if [[ -z $json ]]; then
         log "  $key against $server failed"
         return
     fi
-    echo "$key $server $(($(cpu_ticks "$pid") - before)) $json" >>"$WORK/results"
+    echo "$key $server $(($(cpu_ticks "$pid" "$pid2") - before)) $json" >>"$WORK/results"
 }
 
 # both KEY ARGS...: the scenario against both servers, alternating which
@@ -185,18 +235,30 @@ both() {
     fi
 }
 
+# pair SKIFF NATS KEY ARGS...: like `both`, against the named servers.
+pair() {
+    local skiff=$1 nats=$2 key=$3
+    shift 3
+    log "  $key"
+    local servers=("$skiff" "$nats")
+    if ((PASS % 2 == 0)); then
+        servers=("$nats" "$skiff")
+    fi
+    for server in "${servers[@]}"; do
+        bench "$key" "$server" "$@"
+    done
+}
+
 # both_tls KEY ARGS...: like `both`, against the TLS servers.
 both_tls() {
     local key=$1
     shift
-    log "  $key"
-    local servers=(skifftls natstls)
-    if ((PASS % 2 == 0)); then
-        servers=(natstls skifftls)
-    fi
-    for server in "${servers[@]}"; do
-        bench "$key" "$server" --tls-ca "$CERTS/ca.pem" "$@"
-    done
+    pair skifftls natstls "$key" --tls-ca "$CERTS/ca.pem" "$@"
+}
+
+# both_cluster KEY ARGS...: like `both`, against the 2-node clusters.
+both_cluster() {
+    pair skiffc natsc "$@"
 }
 
 # all3 KEY ARGS...: the scenario against skiff, skiff2m and nats, rotating
@@ -242,6 +304,13 @@ for PASS in $(seq "$RUNS"); do
         both_tls tls_pub16 pub --msgs "$MSGS" --size 16
         both_tls tls_pubsub16 pubsub --msgs "$MSGS" --size 16
         both_tls tls_pubsub1k pubsub --msgs "$BIG_MSGS" --size 1024
+    fi
+    if [[ " $SECTIONS " == *" cluster "* ]]; then
+        start_clusters
+        both_cluster cl_pubsub16 pubsub --msgs "$MSGS" --size 16
+        both_cluster cl_pubsub1k pubsub --msgs "$BIG_MSGS" --size 1024
+        both_cluster cl_queue4 queue --msgs "$MSGS" --size 16 --subs 4
+        both_cluster cl_reqrep reqrep --msgs "$REQS" --size 16
     fi
 done
 stop_servers
@@ -353,15 +422,30 @@ TLS_ROWS = [
     ("tls_conns", "TLS connection set-up, 64 at once", "connections/s (handshake included)", "conns.connects_per_sec", True),
     ("tls_pubsub16", "pubsub over TLS, 16 B", "server CPU ns per published msg", per_msg_ns, False),
 ]
-if any(server == "natstls" for _, server in results):
+# Clusters: publishers on node A, subscribers on node B.
+CLUSTER_ROWS = [
+    ("cl_pubsub16", "pub on A, sub on B, 16 B", "delivered msgs/s", "sub_msgs_per_sec", True),
+    ("cl_pubsub1k", "pub on A, sub on B, 1 KiB", "delivered MB/s", "sub_mb_per_sec", True),
+    ("cl_queue4", "pub on A, queue group of 4 on B", "delivered msgs/s", "sub_msgs_per_sec", True),
+    ("cl_reqrep", "request on A, replier on B", "p50 latency µs", "latency_us.p50", False),
+    ("cl_reqrep", "request on A, replier on B", "p99 latency µs", "latency_us.p99", False),
+    ("cl_pubsub16", "pub on A, sub on B, 16 B", "CPU ns per msg, both nodes", per_msg_ns, False),
+]
+
+def table(rows, skiff, nats):
     print("| Scenario | Metric | Skiff | nats-server | Skiff / nats-server |")
     print("|---|---|---|---|---|")
-    for key, scenario, label, metric, higher in TLS_ROWS:
-        s, n = median(key, "skifftls", metric), median(key, "natstls", metric)
+    for key, scenario, label, metric, higher in rows:
+        s, n = median(key, skiff, metric), median(key, nats, metric)
         better = "higher is better" if higher else "lower is better"
         print(f"| {scenario} | {label} | {fmt(s)} | {fmt(n)} | {ratio(s, n)} "
-              f"({better}{notes(key, ('skifftls', 'natstls'))}) |")
+              f"({better}{notes(key, (skiff, nats))}) |")
     print()
+
+if any(server == "natstls" for _, server in results):
+    table(TLS_ROWS, "skifftls", "natstls")
+if any(server == "natsc" for _, server in results):
+    table(CLUSTER_ROWS, "skiffc", "natsc")
 
 if any(key.startswith("js") for key, _ in results):
     print("| Scenario | Metric | Skiff, sync always | Skiff, sync 2m | nats-server "

@@ -243,6 +243,10 @@ struct BenchArgs {
     /// jsconsume: messages per pull request [default: 500].
     #[arg(long)]
     batch: Option<usize>,
+    /// Connect subscribers (repliers for reqrep) to this server instead:
+    /// another node of the same cluster, to measure the route between them.
+    #[arg(long)]
+    sub_server: Option<String>,
     /// Print the summary as CSV (a header and one row).
     #[arg(long, conflicts_with = "json")]
     csv: bool,
@@ -258,6 +262,7 @@ impl BenchArgs {
     /// The scenario's defaults with the given flags on top.
     fn options(&self) -> BenchOptions {
         let mut o = BenchOptions::new(&self.connect.server, self.scenario);
+        o.sub_url = self.sub_server.clone();
         o.tls = self.connect.tls();
         o.msgs = self.msgs.unwrap_or(o.msgs);
         o.size = self.size.unwrap_or(o.size);

@@ -475,3 +475,108 @@ async fn routes_need_the_cluster_credentials() {
     .await;
     shutdown([a, b, c, d]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_can_require_mutual_tls() {
+    use skiff::config::TlsConfig;
+    use skiff::tools::certs::Authority;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let tls_for = |ca: &Authority, tag: &str| {
+        let node = ca.server(&["127.0.0.1".to_string()]).unwrap();
+        TlsConfig {
+            ca_file: Some(write(&format!("{tag}-ca.pem"), &ca.issued().cert_pem)),
+            verify: true,
+            ..TlsConfig::new(
+                write(&format!("{tag}.pem"), &node.cert_pem),
+                write(&format!("{tag}-key.pem"), &node.key_pem),
+            )
+        }
+    };
+    let ours = Authority::new("Cluster CA").unwrap();
+    let theirs = Authority::new("Other CA").unwrap();
+    let with_tls = |name: &str, seeds: &[String], tls: TlsConfig| {
+        let mut config = node_config(name, seeds);
+        config.cluster.as_mut().unwrap().tls = Some(tls);
+        config
+    };
+    let a = Server::start(with_tls("A", &[], tls_for(&ours, "a")))
+        .await
+        .unwrap();
+    let b = Server::start(with_tls("B", &seed(&a), tls_for(&ours, "b")))
+        .await
+        .unwrap();
+    wait_for_mesh(&[&a, &b]).await;
+    let (on_a, on_b) = (nats(&a).await, nats(&b).await);
+    let mut sub = on_b.subscribe("secure").await.unwrap();
+    round_trip(&on_b).await;
+    wait_for_interest(&a, "secure").await;
+    on_a.publish("secure", "sealed".into()).await.unwrap();
+    assert_eq!(text(&next_msg(&mut sub).await), "sealed");
+    // A node whose certificate another CA signed, and one without TLS, stay
+    // out.
+    let c = Server::start(with_tls("C", &seed(&a), tls_for(&theirs, "c")))
+        .await
+        .unwrap();
+    let d = node("D", &seed(&a)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.peer_names(), ["B"]);
+    assert!(c.peer_names().is_empty() && d.peer_names().is_empty());
+    shutdown([a, b, c, d]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_captures_publishes_from_every_node() {
+    let store = tempfile::tempdir().unwrap();
+    let mut a_config = node_config("A", &[]);
+    a_config.jetstream = Config::with_streams("127.0.0.1:0", store.path()).jetstream;
+    let a = Server::start(a_config).await.unwrap();
+    let b = node("B", &seed(&a)).await;
+    wait_for_mesh(&[&a, &b]).await;
+    let js_a = async_nats::jetstream::new(nats(&a).await);
+    js_a.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".to_string(),
+        subjects: vec!["orders.>".to_string()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_for_interest(&b, "orders.1").await;
+    // Published on B, stored on A, acknowledged back across the route.
+    let js_b = async_nats::jetstream::new(nats(&b).await);
+    for i in 1..=3u64 {
+        let ack = within("a PubAck across nodes", async {
+            js_b.publish(format!("orders.{i}"), "new".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!((ack.stream.as_str(), ack.sequence), ("ORDERS", i));
+    }
+    let mut stream = js_a.get_stream("ORDERS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 3);
+    shutdown([a, b]).await;
+}
+
+#[test]
+fn the_example_cluster_files_describe_one_mesh() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let mut route_ports = Vec::new();
+    for n in ["a", "b", "c"] {
+        let config = Config::from_file(&dir.join(format!("cluster-{n}.toml"))).unwrap();
+        let cluster = config.cluster.expect("a [cluster] table");
+        assert_eq!(cluster.name, "local");
+        assert_eq!(cluster.routes.len(), 3, "every node lists every route");
+        assert!(cluster.routes.iter().any(|r| r.ends_with(&cluster.listen)));
+        assert_eq!(config.server_name.as_deref(), Some(&*format!("node-{n}")));
+        route_ports.push(cluster.listen);
+    }
+    route_ports.dedup();
+    assert_eq!(route_ports.len(), 3);
+}

@@ -100,6 +100,9 @@ impl Scenario {
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     pub url: String,
+    /// Where subscribers (and repliers) connect, when not `url`: another
+    /// node of the same cluster, to measure the route between them.
+    pub sub_url: Option<String>,
     /// TLS files and mode, for servers that require TLS.
     pub tls: TlsOptions,
     /// How the benchmark's connections log in.
@@ -141,6 +144,7 @@ impl BenchOptions {
         let js = matches!(scenario, Scenario::JsPub | Scenario::JsConsume);
         BenchOptions {
             url: url.to_string(),
+            sub_url: None,
             tls: TlsOptions::default(),
             credentials: Credentials::default(),
             scenario,
@@ -301,13 +305,58 @@ pub async fn run(options: &BenchOptions) -> Result<Report, BenchError> {
     // Built once: every connection of the run shares its TLS configuration.
     let endpoint =
         Endpoint::new(&options.url, &options.tls)?.with_credentials(&options.credentials);
+    let sub_endpoint = match &options.sub_url {
+        Some(url) => Endpoint::new(url, &options.tls)?.with_credentials(&options.credentials),
+        None => endpoint.clone(),
+    };
+    let endpoints = Endpoints {
+        publish: endpoint,
+        subscribe: sub_endpoint,
+        remote: options.sub_url.is_some(),
+    };
     let deadline = Instant::now() + options.timeout;
     match options.scenario {
-        Scenario::Conns => run_conns(options, &endpoint, deadline).await,
-        Scenario::Reqrep => run_reqrep(options, &endpoint, deadline).await,
-        Scenario::JsPub => js::run_jspub(options, &endpoint, deadline).await,
-        Scenario::JsConsume => js::run_jsconsume(options, &endpoint, deadline).await,
-        _ => run_flow(options, &endpoint, deadline).await,
+        Scenario::Conns => run_conns(options, &endpoints.publish, deadline).await,
+        Scenario::Reqrep => run_reqrep(options, &endpoints, deadline).await,
+        Scenario::JsPub => js::run_jspub(options, &endpoints.publish, deadline).await,
+        Scenario::JsConsume => js::run_jsconsume(options, &endpoints.publish, deadline).await,
+        _ => run_flow(options, &endpoints, deadline).await,
+    }
+}
+
+/// Where publishers and subscribers connect.
+struct Endpoints {
+    publish: Endpoint,
+    subscribe: Endpoint,
+    /// Subscribers are on another server: their interest must reach the
+    /// publishers' server before the run starts.
+    remote: bool,
+}
+
+impl Endpoints {
+    /// Waits until subscriptions made on the subscribers' server (all of
+    /// them flushed before this is called) have reached the publishers'
+    /// server. A probe subscription made after them travels the same route
+    /// in order, so once a probe published on the publishers' server comes
+    /// back, every earlier subscription is known there too.
+    async fn await_interest(&self, deadline: Instant) -> Result<(), conn::Error> {
+        if !self.remote {
+            return Ok(());
+        }
+        let probe = b"_SKIFF_BENCH.probe";
+        let mut listener = subscriber(&self.subscribe, probe, None, deadline).await?;
+        let mut prober = connect(&self.publish, deadline).await?;
+        loop {
+            prober.publish(probe, None, b"?").await?;
+            within(deadline, prober.flush()).await?;
+            let wait = Instant::now() + Duration::from_millis(20);
+            match timeout_at(wait.min(deadline), listener.next_message()).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+                Err(_) if Instant::now() >= deadline => return Err(conn::Error::Timeout),
+                Err(_) => {}
+            }
+        }
     }
 }
 
@@ -823,7 +872,7 @@ async fn count_messages(mut job: SubJob) -> SubResult {
 /// in all, subscribers count them.
 async fn run_flow(
     options: &BenchOptions,
-    endpoint: &Endpoint,
+    endpoints: &Endpoints,
     deadline: Instant,
 ) -> Result<Report, BenchError> {
     let subject = Bytes::from(options.subject.clone().into_bytes());
@@ -836,11 +885,14 @@ async fn run_flow(
     let mut subscribers = Vec::with_capacity(options.subs);
     for _ in 0..options.subs {
         let group = queue.then_some(QUEUE_GROUP);
-        subscribers.push(subscriber(endpoint, &subject, group, deadline).await?);
+        subscribers.push(subscriber(&endpoints.subscribe, &subject, group, deadline).await?);
+    }
+    if !subscribers.is_empty() {
+        endpoints.await_interest(deadline).await?;
     }
     let mut publishers = Vec::with_capacity(options.pubs);
     for _ in 0..options.pubs {
-        publishers.push(connect(endpoint, deadline).await?);
+        publishers.push(connect(&endpoints.publish, deadline).await?);
     }
     let server = publishers.first().map(server_name).unwrap_or_default();
 
@@ -970,14 +1022,15 @@ fn split(total: u64, parts: usize) -> Vec<(u64, u64)> {
 /// repliers that echo the payload.
 async fn run_reqrep(
     options: &BenchOptions,
-    endpoint: &Endpoint,
+    endpoints: &Endpoints,
     deadline: Instant,
 ) -> Result<Report, BenchError> {
     let subject = options.subject.as_bytes();
     let stop = CancellationToken::new();
     let mut repliers = Vec::with_capacity(options.subs);
     for _ in 0..options.subs {
-        let mut conn = subscriber(endpoint, subject, Some(QUEUE_GROUP), deadline).await?;
+        let mut conn =
+            subscriber(&endpoints.subscribe, subject, Some(QUEUE_GROUP), deadline).await?;
         let (stop, limit) = (stop.clone(), options.msgs);
         repliers.push(tokio::spawn(async move {
             let mut error = None;
@@ -1002,7 +1055,8 @@ async fn run_reqrep(
             error
         }));
     }
-    let mut requester = connect(endpoint, deadline).await?;
+    endpoints.await_interest(deadline).await?;
+    let mut requester = connect(&endpoints.publish, deadline).await?;
     let server = server_name(&requester);
     let progress = Progress::start(options.progress, options.msgs, "requests", deadline);
     let mut latencies = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_NS, 3)

@@ -63,12 +63,17 @@ impl Authority {
         }
     }
 
-    /// A server certificate for `hosts` (DNS names or IP addresses).
+    /// A server certificate for `hosts` (DNS names or IP addresses). It is
+    /// good for client authentication too, so that cluster nodes can present
+    /// it when they dial each other (mutual TLS between routes).
     pub fn server(&self, hosts: &[String]) -> Result<Issued, CertsError> {
         let mut params = CertificateParams::new(hosts.to_vec())?;
         let name = hosts.first().map_or("skiff", String::as_str);
         params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         valid_from_now(&mut params);
         self.sign(params)
     }
