@@ -80,9 +80,7 @@ async fn gossip_forms_a_full_mesh_without_duplicate_routes() {
     assert_eq!(c.peer_names(), ["A", "B"]);
     // Two nodes that dial each other at once keep exactly one route.
     let mut x_config = node_config("X", &[]);
-    let x_listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let x_addr = x_listen.local_addr().unwrap();
-    drop(x_listen);
+    let x_addr = free_port();
     x_config.cluster.as_mut().unwrap().listen = x_addr.to_string();
     let y = node("Y", &[format!("nats-route://{x_addr}")]).await;
     x_config.cluster.as_mut().unwrap().routes = seed(&y);
@@ -579,4 +577,41 @@ fn the_example_cluster_files_describe_one_mesh() {
     }
     route_ports.dedup();
     assert_eq!(route_ports.len(), 3);
+}
+
+/// A free loopback port (bound and released: the test then listens on it).
+fn free_port() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_is_dialled_until_it_comes_up_and_again_after_it_restarts() {
+    let a_route = free_port();
+    let a_config = || {
+        let mut config = node_config("A", &[]);
+        config.cluster.as_mut().unwrap().listen = a_route.to_string();
+        config
+    };
+    // B starts first: its seed is not there yet.
+    let b = node("B", &[format!("nats-route://{a_route}")]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(b.peer_names().is_empty());
+    let a = Server::start(a_config()).await.unwrap();
+    wait_for_mesh(&[&a, &b]).await;
+    // A goes away and comes back on the same address: B dials it again.
+    a.shutdown().await;
+    eventually("B to notice A is gone", WAIT, || async {
+        b.peer_names().is_empty().then_some(())
+    })
+    .await;
+    let a = Server::start(a_config()).await.unwrap();
+    wait_for_mesh(&[&a, &b]).await;
+    let (on_a, on_b) = (nats(&a).await, nats(&b).await);
+    let mut sub = on_a.subscribe("back").await.unwrap();
+    round_trip(&on_a).await;
+    wait_for_interest(&b, "back").await;
+    on_b.publish("back", "welcome".into()).await.unwrap();
+    assert_eq!(text(&next_msg(&mut sub).await), "welcome");
+    shutdown([a, b]).await;
 }
