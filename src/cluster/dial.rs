@@ -18,7 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::protocol::RouteConnect;
 use super::route::{self, Outcome};
-use super::{Cluster, RouteUrl};
+use super::Cluster;
+use crate::config::cluster::RouteUrl;
 use crate::config::TlsConfig;
 use crate::protocol::ConnectOptions;
 use crate::server::ServerState;

@@ -40,7 +40,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticator, AuthorizationConfig};
-use crate::config::cluster::ClusterConfig;
+use crate::config::cluster::{ClusterConfig, RouteUrl};
 use crate::server::ServerState;
 use crate::subscription::Subscription;
 use protocol::{encode_interest, encode_no_interest, encode_route_info, Peer};
@@ -55,44 +55,6 @@ pub enum ClusterError {
     },
     #[error("cluster TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
-}
-
-/// A route URL from the config: `nats-route://[user:pass@]host:port`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteUrl {
-    /// `host:port`.
-    pub addr: String,
-    pub user: Option<String>,
-    pub pass: Option<String>,
-}
-
-impl RouteUrl {
-    /// Parses a route URL; the scheme may be left out (`host:port`).
-    pub fn parse(url: &str) -> Option<RouteUrl> {
-        let rest = url
-            .strip_prefix("nats-route://")
-            .or_else(|| url.strip_prefix("nats://"))
-            .unwrap_or(url);
-        let (userinfo, addr) = match rest.rsplit_once('@') {
-            Some((u, a)) => (Some(u), a),
-            None => (None, rest),
-        };
-        let addr = addr.trim_end_matches('/');
-        let (host, port) = addr.rsplit_once(':')?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return None;
-        }
-        let (user, pass) = match userinfo.map(|u| u.split_once(':')) {
-            Some(Some((user, pass))) => (Some(user.to_string()), Some(pass.to_string())),
-            Some(None) => (userinfo.map(str::to_string), None),
-            None => (None, None),
-        };
-        Some(RouteUrl {
-            addr: addr.to_string(),
-            user,
-            pass,
-        })
-    }
 }
 
 /// This node's part of the mesh. Lives in [`ServerState`] once started.

@@ -94,7 +94,7 @@ impl ClusterConfig {
             return invalid(format!("name {:?} must be one word", self.name));
         }
         for url in &self.routes {
-            if crate::cluster::RouteUrl::parse(url).is_none() {
+            if RouteUrl::parse(url).is_none() {
                 return invalid(format!(
                     "route {url:?} is not nats-route://[user:pass@]host:port"
                 ));
@@ -118,5 +118,87 @@ impl ClusterConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// A route URL from the config: `nats-route://[user:pass@]host:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteUrl {
+    /// `host:port`.
+    pub addr: String,
+    pub user: Option<String>,
+    pub pass: Option<String>,
+}
+
+impl RouteUrl {
+    /// Parses a route URL; the scheme may be left out (`host:port`).
+    pub fn parse(url: &str) -> Option<RouteUrl> {
+        let rest = url
+            .strip_prefix("nats-route://")
+            .or_else(|| url.strip_prefix("nats://"))
+            .unwrap_or(url);
+        let (userinfo, addr) = match rest.rsplit_once('@') {
+            Some((u, a)) => (Some(u), a),
+            None => (None, rest),
+        };
+        let addr = addr.trim_end_matches('/');
+        let (host, port) = addr.rsplit_once(':')?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return None;
+        }
+        let (user, pass) = match userinfo.map(|u| u.split_once(':')) {
+            Some(Some((user, pass))) => (Some(user.to_string()), Some(pass.to_string())),
+            Some(None) => (userinfo.map(str::to_string), None),
+            None => (None, None),
+        };
+        Some(RouteUrl {
+            addr: addr.to_string(),
+            user,
+            pass,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn route_urls_parse_with_and_without_credentials() {
+        let url = RouteUrl::parse("nats-route://route:s3cret@10.0.0.5:6222").unwrap();
+        assert_eq!(url.addr, "10.0.0.5:6222");
+        assert_eq!(
+            (url.user.as_deref(), url.pass.as_deref()),
+            (Some("route"), Some("s3cret"))
+        );
+        assert_eq!(RouteUrl::parse("host:6222").unwrap().addr, "host:6222");
+        for bad in ["nats-route://host", "nats-route://:6222", "host:port", ""] {
+            assert!(RouteUrl::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_cluster_table_is_parsed_and_checked() {
+        let c = Config::from_toml(
+            "[cluster]\nname = \"east\"\nlisten = \"127.0.0.1:6222\"\n\
+             routes = [\"nats-route://10.0.0.6:6222\"]\nconnect_backoff = \"50ms\"\n\
+             [cluster.authorization]\nuser = \"r\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!((cluster.name.as_str(), cluster.routes.len()), ("east", 1));
+        assert_eq!(cluster.connect_backoff, Duration::from_millis(50));
+        assert_eq!(cluster.connect_retries, 10);
+        for (bad, says) in [
+            ("[cluster]\nroutes = [\"nowhere\"]\n", "nowhere"),
+            ("[cluster]\nname = \"two words\"\n", "one word"),
+            ("[cluster.authorization]\nuser = \"r\"\n", "both"),
+            ("[cluster]\nlisten_addr = \"x\"\n", "listen_addr"),
+            ("[cluster]\nmax_pending = 10\n", "max_payload"),
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }
