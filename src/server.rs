@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::client::{self, ClientShared, WakeList};
+use crate::client::{self, ClientShared, CloseReason, Counts, WakeList};
 use crate::cluster::{names_queue, Cluster, Route};
 use crate::config::Config;
 use crate::protocol::{encode_info, Limits, Message, ServerInfo};
@@ -230,6 +230,7 @@ pub(crate) struct ServerState {
     pub jetstream: OnceLock<Arc<JetStream>>,
     /// Routes to peer nodes, when `[cluster]` is configured.
     pub cluster: OnceLock<Arc<Cluster>>,
+    pub stats: ServerStats,
     next_client_id: AtomicU64,
     pub shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -272,10 +273,26 @@ impl ServerState {
             clients: DashMap::new(),
             jetstream: OnceLock::new(),
             cluster: OnceLock::new(),
+            stats: ServerStats::new(),
             next_client_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
+    }
+
+    /// The server's traffic since start: closed connections' plus the live
+    /// clients' and routes'.
+    pub fn counts(&self) -> Counts {
+        let mut total = self.stats.closed_counts();
+        for client in self.clients.iter() {
+            total += client.counts();
+        }
+        if let Some(cluster) = self.cluster.get() {
+            for route in cluster.routes() {
+                total += route.counts();
+            }
+        }
+        total
     }
 
     pub fn next_client_id(&self) -> u64 {
@@ -470,6 +487,59 @@ impl ServerState {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.tasks.spawn(task);
+    }
+}
+
+/// Server-wide counters for monitoring. Traffic is counted per connection
+/// (see [`Counts`]); a closing connection's counts are added here, so the
+/// server's totals are these plus the live connections', folded when read.
+/// Nothing here is touched per message.
+pub struct ServerStats {
+    pub started: std::time::SystemTime,
+    total_connections: AtomicU64,
+    slow_consumers: AtomicU64,
+    closed: parking_lot::Mutex<Counts>,
+}
+
+impl ServerStats {
+    fn new() -> ServerStats {
+        ServerStats {
+            started: std::time::SystemTime::now(),
+            total_connections: AtomicU64::new(0),
+            slow_consumers: AtomicU64::new(0),
+            closed: parking_lot::Mutex::new(Counts::default()),
+        }
+    }
+
+    /// A client connection was accepted.
+    pub(crate) fn connected(&self) {
+        self.total_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection (client or route) ended: keep its traffic in the totals.
+    pub(crate) fn closed(&self, conn: &ClientShared, reason: CloseReason) {
+        if matches!(
+            reason,
+            CloseReason::SlowConsumerPendingBytes | CloseReason::SlowConsumerWriteDeadline
+        ) {
+            self.slow_consumers.fetch_add(1, Ordering::Relaxed);
+        }
+        *self.closed.lock() += conn.counts();
+    }
+
+    /// Client connections accepted since start.
+    pub fn total_connections(&self) -> u64 {
+        self.total_connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections (clients and routes) cut off as slow consumers.
+    pub fn slow_consumers(&self) -> u64 {
+        self.slow_consumers.load(Ordering::Relaxed)
+    }
+
+    /// Traffic of connections that have closed.
+    pub fn closed_counts(&self) -> Counts {
+        *self.closed.lock()
     }
 }
 

@@ -148,6 +148,9 @@ pub struct Sublist<T> {
     root: RwLock<Level<T>>,
     cache: DashMap<Bytes, Arc<Matches<T>>, ahash::RandomState>,
     count: AtomicUsize,
+    /// Lookups the cache did not answer (counted on the slow path only;
+    /// hits are lookups minus misses, lookups being counted by the caller).
+    misses: AtomicU64,
     /// The doorkeeper: hashes of subjects that missed once (see the module
     /// doc). A collision only means a subject is cached a miss later.
     seen: Box<[AtomicU64]>,
@@ -166,6 +169,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
             root: RwLock::new(Level::default()),
             cache: DashMap::default(),
             count: AtomicUsize::new(0),
+            misses: AtomicU64::new(0),
             seen: (0..SEEN_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             hasher: ahash::RandomState::new(),
         }
@@ -174,6 +178,16 @@ impl<T: Clone + PartialEq> Sublist<T> {
     /// Number of subscriptions held.
     pub fn count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Lookups the match cache did not answer, since start.
+    pub fn cache_misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Subjects whose matches are cached.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
     }
 
     /// Adds `item` under `pattern`, in queue group `queue` if given.
@@ -255,6 +269,7 @@ impl<T: Clone + PartialEq> Sublist<T> {
         if let Some(hit) = self.cache.get(subject) {
             return Arc::clone(hit.value());
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         let root = self.root.read();
         let tokens: Vec<&[u8]> = subject::tokens(subject).collect();
         let mut found = Matches {

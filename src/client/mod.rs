@@ -35,7 +35,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -102,11 +102,51 @@ impl fmt::Display for CloseReason {
     }
 }
 
+/// Traffic of one connection or, summed, of the server, in nats-server's
+/// terms: messages (and their payload bytes) received from it and sent to
+/// it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub in_msgs: u64,
+    pub in_bytes: u64,
+    pub out_msgs: u64,
+    pub out_bytes: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Counts) {
+        self.in_msgs += other.in_msgs;
+        self.in_bytes += other.in_bytes;
+        self.out_msgs += other.out_msgs;
+        self.out_bytes += other.out_bytes;
+    }
+}
+
+/// What a connection said about itself and how it is secured, for
+/// monitoring (`/connz`).
+#[derive(Clone, Debug, Default)]
+pub struct Details {
+    pub lang: String,
+    pub version: String,
+    /// The authenticated user, when users are configured.
+    pub user: Option<String>,
+    /// TLS protocol version and cipher suite, for TLS connections.
+    pub tls_version: Option<String>,
+    pub tls_cipher: Option<String>,
+}
+
 /// The part of a client other tasks may touch.
 pub struct ClientShared {
     pub id: u64,
     pub addr: SocketAddr,
     pub outbound: Outbound,
+    /// When the connection was accepted.
+    pub started: std::time::SystemTime,
+    /// Messages and payload bytes received, added once per read batch by
+    /// the reader (no atomic per message).
+    in_msgs: AtomicU64,
+    in_bytes: AtomicU64,
+    details: Mutex<Details>,
     /// Cuts the connection off without flushing (slow consumer, write error).
     kill: CancellationToken,
     /// Why it was cut off, for the reader's log line.
@@ -136,6 +176,10 @@ impl ClientShared {
             id,
             addr,
             outbound: Outbound::new(max_pending),
+            started: std::time::SystemTime::now(),
+            in_msgs: AtomicU64::new(0),
+            in_bytes: AtomicU64::new(0),
+            details: Mutex::new(Details::default()),
             kill: CancellationToken::new(),
             kill_reason: Mutex::new(None),
             headers: AtomicBool::new(false),
@@ -282,6 +326,44 @@ impl ClientShared {
     pub fn subscription_count(&self) -> usize {
         self.subs.lock().len()
     }
+
+    /// Subject and queue group of each of this client's subscriptions.
+    pub fn subscriptions(&self) -> Vec<(Bytes, Option<Bytes>)> {
+        let subs = self.subs.lock();
+        subs.values()
+            .map(|s| (s.subject.clone(), s.queue.clone()))
+            .collect()
+    }
+
+    /// The name the client gave in CONNECT (empty if none).
+    pub fn name(&self) -> String {
+        self.name.lock().clone()
+    }
+
+    pub fn details(&self) -> Details {
+        self.details.lock().clone()
+    }
+
+    /// This connection's traffic so far.
+    pub fn counts(&self) -> Counts {
+        let (out_msgs, out_bytes) = self.outbound.delivered();
+        Counts {
+            in_msgs: self.in_msgs.load(Ordering::Relaxed),
+            in_bytes: self.in_bytes.load(Ordering::Relaxed),
+            out_msgs,
+            out_bytes,
+        }
+    }
+
+    /// Adds a read batch's worth of received messages (and resets the
+    /// reader's tally).
+    pub(crate) fn add_received(&self, tally: &mut (u64, u64)) {
+        if tally.0 > 0 {
+            self.in_msgs.fetch_add(tally.0, Ordering::Relaxed);
+            self.in_bytes.fetch_add(tally.1, Ordering::Relaxed);
+            *tally = (0, 0);
+        }
+    }
 }
 
 impl fmt::Display for ClientShared {
@@ -360,6 +442,8 @@ struct Connection {
     /// The client's permissions (`None`: unrestricted, no checks at all).
     permissions: Option<Arc<Permissions>>,
     publish_cache: PublishCache,
+    /// Messages and payload bytes received in this read batch.
+    received: (u64, u64),
 }
 
 /// Registers a newly accepted connection. Called on the accept loop itself,
@@ -369,6 +453,7 @@ pub(crate) fn register(server: &ServerState, addr: SocketAddr) -> Arc<ClientShar
     let id = server.next_client_id();
     let client = Arc::new(ClientShared::new(id, addr, server.config.max_pending));
     server.clients.insert(id, Arc::clone(&client));
+    server.stats.connected();
     client
 }
 
@@ -392,6 +477,14 @@ pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, s
         Ok((stream, identity)) => {
             if tls.handshake_first {
                 let _ = client.outbound.push_bytes(&info);
+            }
+            {
+                let session = stream.get_ref().1;
+                let mut details = client.details.lock();
+                details.tls_version = session.protocol_version().map(|v| format!("{v:?}"));
+                details.tls_cipher = session
+                    .negotiated_cipher_suite()
+                    .map(|c| format!("{:?}", c.suite()));
             }
             if let Some(identity) = &identity {
                 tracing::debug!("{client} - TLS client certificate: {identity}");
@@ -474,6 +567,7 @@ pub(crate) async fn serve_split<R, W>(
         cert: greeting.cert,
         permissions: None,
         publish_cache: PublishCache::default(),
+        received: (0, 0),
     };
     let reason = conn.read_loop(reader).await;
     conn.cleanup(reason, write_task).await;
@@ -539,6 +633,7 @@ impl Connection {
                                 };
                             }
                             self.wakes.wake_all();
+                            self.client.add_received(&mut self.received);
                             buf.settle();
                             if let Err(reason) = result {
                                 return reason;
@@ -649,6 +744,7 @@ impl Connection {
         };
         self.awaiting_auth = false;
         tracing::debug!("{} - authenticated as {:?}", self.client, accepted.user);
+        self.client.details.lock().user = Some(accepted.user.clone());
         if let Some(permissions) = accepted.permissions {
             let replies = permissions
                 .responses()
@@ -692,6 +788,11 @@ impl Connection {
         if options.protocol.is_some_and(|p| p >= 1) {
             self.client.info_updates.store(true, Ordering::Relaxed);
         }
+        {
+            let mut details = self.client.details.lock();
+            details.lang = options.lang.clone().unwrap_or_default();
+            details.version = options.version.clone().unwrap_or_default();
+        }
         if let Some(name) = options.name {
             *self.client.name.lock() = name;
         }
@@ -700,6 +801,8 @@ impl Connection {
     }
 
     fn publish(&mut self, msg: Message) {
+        self.received.0 += 1;
+        self.received.1 += msg.payload().len() as u64;
         if self.options.pedantic && !subject::is_valid_literal_subject(msg.subject()) {
             self.send_err(&"Invalid Publish Subject");
             return;
@@ -839,15 +942,17 @@ impl Connection {
 
     /// Removes every trace of the client from the server, then lets the
     /// writer flush what is queued (within `write_deadline`) and close.
-    async fn cleanup(self, reason: CloseReason, write_task: tokio::task::JoinHandle<()>) {
+    async fn cleanup(mut self, reason: CloseReason, write_task: tokio::task::JoinHandle<()>) {
         let subs: Vec<_> = self.client.subs.lock().drain().map(|(_, s)| s).collect();
         for sub in &subs {
             self.server.unlist_subscription(sub);
         }
+        self.client.add_received(&mut self.received);
         self.server.clients.remove(&self.client.id);
         self.client
             .finish(write_task, self.server.config.write_deadline)
             .await;
+        self.server.stats.closed(&self.client, reason);
         tracing::debug!("{} - Client connection closed: {reason}", self.client);
     }
 }

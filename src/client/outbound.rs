@@ -65,6 +65,10 @@ struct Queue {
     /// The writer has been asked to run and has not yet taken the queue.
     wake_requested: bool,
     closed: bool,
+    /// Messages and their payload bytes queued so far (for monitoring;
+    /// counted under the lock the push takes anyway, so they cost nothing).
+    msgs: u64,
+    msg_bytes: u64,
 }
 
 /// The outbound queue of one client. See the module docs for its bound.
@@ -83,6 +87,8 @@ impl Outbound {
                 pending: 0,
                 wake_requested: false,
                 closed: false,
+                msgs: 0,
+                msg_bytes: 0,
             }),
             notify: Notify::new(),
             max_pending,
@@ -138,6 +144,8 @@ impl Outbound {
                 q.arena.put_slice(payload);
             }
             q.arena.put_slice(CRLF);
+            q.msgs += 1;
+            q.msg_bytes += payload.len() as u64;
             added
         })
     }
@@ -186,6 +194,12 @@ impl Outbound {
     /// Bytes queued or being written.
     pub fn pending(&self) -> usize {
         self.queue.lock().pending
+    }
+
+    /// Messages queued so far, and their payload bytes.
+    pub fn delivered(&self) -> (u64, u64) {
+        let q = self.queue.lock();
+        (q.msgs, q.msg_bytes)
     }
 
     /// Writer side: records that `written` bytes left, then moves every queued

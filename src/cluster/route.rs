@@ -97,6 +97,25 @@ impl Route {
     pub fn interest_count(&self) -> usize {
         self.subs.lock().len()
     }
+
+    /// Messages forwarded to the peer and received from it.
+    pub fn counts(&self) -> crate::client::Counts {
+        self.link.counts()
+    }
+
+    /// When the route was opened, and the address it runs to.
+    pub fn started(&self) -> std::time::SystemTime {
+        self.link.started
+    }
+
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.link.addr
+    }
+
+    /// Bytes queued to the peer and not yet written.
+    pub fn pending(&self) -> usize {
+        self.link.outbound.pending()
+    }
 }
 
 impl std::fmt::Display for Route {
@@ -200,6 +219,7 @@ where
         route,
         pings_out: 0,
         wakes: WakeList::default(),
+        received: (0, 0),
     };
     let reason = conn.read_loop(reader, &mut buf).await;
     conn.cleanup(reason, write_task).await;
@@ -340,6 +360,8 @@ struct Connection {
     route: Arc<Route>,
     pings_out: u32,
     wakes: WakeList,
+    /// Messages and payload bytes received in this read batch.
+    received: (u64, u64),
 }
 
 impl Connection {
@@ -376,6 +398,7 @@ impl Connection {
                         buf.record(n, room);
                         let result = self.process(&mut buf.buf);
                         self.wakes.wake_all();
+                        self.route.link.add_received(&mut self.received);
                         buf.settle();
                         if let Err(reason) = result {
                             return reason;
@@ -407,6 +430,8 @@ impl Connection {
         }
         match op {
             RouteOp::Msg { message, queues } => {
+                self.received.0 += 1;
+                self.received.1 += message.payload().len() as u64;
                 self.server
                     .route_from_peer(&message, &queues, &mut self.wakes);
             }
@@ -484,18 +509,20 @@ impl Connection {
     /// Forgets everything the peer announced, deregisters the route, lets
     /// the writer flush, and arranges for the peer to be dialled again when
     /// it went away on its own.
-    async fn cleanup(self, reason: CloseReason, write_task: tokio::task::JoinHandle<()>) {
+    async fn cleanup(mut self, reason: CloseReason, write_task: tokio::task::JoinHandle<()>) {
         let subs: Vec<_> = self.route.subs.lock().drain().map(|(_, s)| s).collect();
         for sub in &subs {
             self.server
                 .sublist
                 .remove(&sub.subject, sub.queue.as_deref(), sub);
         }
+        self.route.link.add_received(&mut self.received);
         self.cluster.deregister(&self.server, &self.route);
         self.route
             .link
             .finish(write_task, self.server.config.write_deadline)
             .await;
+        self.server.stats.closed(&self.route.link, reason);
         self.route.closed.cancel();
         tracing::info!("{} - Route connection closed: {reason}", self.route);
         let dropped = !matches!(
