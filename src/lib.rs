@@ -21,6 +21,8 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod metrics;
+pub mod monitor;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use skiff::auth::{AuthorizationConfig, Secret};
-use skiff::config::{cluster::ClusterConfig, TlsConfig};
+use skiff::config::{cluster::ClusterConfig, http::HttpConfig, TlsConfig};
 use skiff::tools::bench::{self, BenchOptions, Scenario};
 use skiff::tools::conn::{Endpoint, TlsOptions};
 use skiff::tools::{certs, commands, passwd, Credentials, DEFAULT_URL};
@@ -330,6 +330,10 @@ struct ServeArgs {
     /// Seed routes, nats-route://host:port[,...].
     #[arg(long, value_delimiter = ',')]
     routes: Vec<String>,
+    /// Serve the monitoring endpoints (/varz, /metrics, ...) on HOST:PORT;
+    /// like [http] listen.
+    #[arg(long = "http", value_name = "HOST:PORT")]
+    http: Option<String>,
 }
 
 impl ServeArgs {
@@ -350,6 +354,10 @@ impl ServeArgs {
         }
         self.apply_tls(&mut config);
         self.apply_cluster(&mut config);
+        if let Some(listen) = &self.http {
+            // Keeps the file's token, if it has an [http] table.
+            config.http.get_or_insert_with(HttpConfig::default).listen = listen.clone();
+        }
         config.debug |= self.debug;
         config.trace |= self.trace;
         if self.user.is_some() || self.auth.is_some() {
@@ -572,6 +580,23 @@ mod tests {
         );
         assert!(serve_args(&[]).config().unwrap().authorization.is_none());
         assert!(Cli::try_parse_from(["skiff", "serve", "--user", "u"]).is_err());
+    }
+
+    #[test]
+    fn http_flag_turns_monitoring_on_and_keeps_the_files_token() {
+        assert!(serve_args(&[]).config().unwrap().http.is_none());
+        let config = serve_args(&["--http", "127.0.0.1:9222"]).config().unwrap();
+        assert_eq!(config.http.unwrap().listen, "127.0.0.1:9222");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("skiff.toml");
+        std::fs::write(&file, "[http]\ntoken = \"t0k\"\n").unwrap();
+        let path = file.to_str().unwrap();
+        let config = serve_args(&["-c", path, "--http", "127.0.0.1:0"])
+            .config()
+            .unwrap();
+        let http = config.http.unwrap();
+        assert_eq!(http.listen, "127.0.0.1:0");
+        assert_eq!(http.token, Some(Secret("t0k".into())));
     }
 
     #[test]

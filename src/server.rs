@@ -55,6 +55,8 @@ pub enum StartError {
     JetStream(#[from] crate::stream::JetStreamError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error(transparent)]
+    Monitor(#[from] crate::monitor::MonitorError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -92,6 +94,11 @@ impl Server {
             addr: config.listen.clone(),
             source,
         })?;
+        // Bound before anything is started, so a taken port fails cleanly.
+        let http = match &config.http {
+            Some(http) => Some(crate::monitor::bind(http).await?),
+            None => None,
+        };
         let state = Arc::new(ServerState::new(config, addr, tls));
         tracing::info!("Starting skiff {}", env!("CARGO_PKG_VERSION"));
         tracing::info!("  Server ID: {}", state.info.server_id);
@@ -110,6 +117,7 @@ impl Server {
             }
             None => None,
         };
+        let http_addr = http.map(|listener| crate::monitor::serve(&state, listener));
         tracing::info!("Listening for client connections on {addr}");
         let accept = tokio::spawn(accept_loop(Arc::clone(&state), listener));
         tracing::info!("Server is ready");
@@ -117,6 +125,7 @@ impl Server {
             state,
             accept,
             route_addr,
+            http_addr,
         })
     }
 }
@@ -127,6 +136,7 @@ pub struct ServerHandle {
     state: Arc<ServerState>,
     accept: tokio::task::JoinHandle<()>,
     route_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
 }
 
 impl ServerHandle {
@@ -148,6 +158,11 @@ impl ServerHandle {
     /// The address of the route listener, when the node is in a cluster.
     pub fn route_addr(&self) -> Option<SocketAddr> {
         self.route_addr
+    }
+
+    /// The address of the monitoring endpoints, when `[http]` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// `nats-route://host:port` for this node, for other nodes' `routes`.

@@ -103,6 +103,12 @@ impl Route {
         self.link.counts()
     }
 
+    /// The route's connection id (`rid` in `/routez`), from the same
+    /// sequence as client ids.
+    pub fn id(&self) -> u64 {
+        self.link.id
+    }
+
     /// When the route was opened, and the address it runs to.
     pub fn started(&self) -> std::time::SystemTime {
         self.link.started

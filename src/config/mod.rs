@@ -8,7 +8,8 @@
 //! number of bytes.
 //!
 //! Each layer has its own table: `[jetstream]`, `[authorization]` (types in
-//! [`authorization`]), `[tls]`, `[cluster]` (types in [`cluster`]).
+//! [`authorization`]), `[tls]`, `[cluster]` (types in [`cluster`]), `[http]`
+//! (types in [`http`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +20,7 @@ pub use crate::units::{parse_duration, parse_size};
 
 pub mod authorization;
 pub mod cluster;
+pub mod http;
 
 /// Everything the server needs to start. `Config::default()` is a working
 /// single node listening on `0.0.0.0:4222`.
@@ -65,6 +67,8 @@ pub struct Config {
     pub client_advertise: Option<String>,
     /// Routes to the other nodes of a cluster (`None`: a single node).
     pub cluster: Option<cluster::ClusterConfig>,
+    /// Monitoring endpoints over HTTP (`None`: off).
+    pub http: Option<http::HttpConfig>,
 }
 
 /// The `[tls]` table. When present every client must use TLS, as with
@@ -226,6 +230,7 @@ impl Default for Config {
             tls: None,
             client_advertise: None,
             cluster: None,
+            http: None,
         }
     }
 }
@@ -330,6 +335,9 @@ impl Config {
             if cluster.max_pending < self.max_payload {
                 return invalid("cluster.max_pending must be at least max_payload");
             }
+        }
+        if let Some(http) = &self.http {
+            http.validate()?;
         }
         Ok(())
     }

@@ -32,6 +32,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::config::{JetStreamConfig, SyncPolicy};
+use crate::metrics::Histogram;
 use crate::protocol::Message;
 use crate::server::ServerState;
 use crate::store::{FileStorage, StoreError};
@@ -77,6 +78,40 @@ pub struct JetStream {
     max_file: u64,
     api: std::sync::mpsc::SyncSender<ApiRequest>,
     subscriptions: Mutex<Vec<Arc<Subscription>>>,
+    /// Latencies recorded once per stored batch, read by monitoring.
+    pub(crate) latency: Latency,
+}
+
+/// Latencies of the store path, recorded once per batch (never per
+/// message) into lock-free histograms that `/metrics` reads.
+#[derive(Debug, Default)]
+pub(crate) struct Latency {
+    /// How long a batch waited for its fsync (group commit included), file
+    /// streams only; and the background syncs of `sync = "<interval>"`.
+    pub fsync: Histogram,
+    /// From when the ingest task saw a batch's oldest message to when the
+    /// batch's PubAcks were queued (see `ingest_loop` for the bound).
+    pub publish_ack: Histogram,
+}
+
+/// Totals of all streams, as `$JS.API.INFO` and `/jsz` report them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// Bytes held by memory streams and by file streams.
+    pub memory: u64,
+    pub storage: u64,
+    pub streams: usize,
+    pub consumers: usize,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// One stream as monitoring shows it: the API's own STREAM.INFO and, when
+/// asked for, each consumer's CONSUMER.INFO, so `/jsz`, `/metrics` and the
+/// API never disagree.
+pub(crate) struct StreamReport {
+    pub info: api::StreamInfo,
+    pub consumers: Vec<api::ConsumerInfo>,
 }
 
 struct ApiRequest {
@@ -103,6 +138,7 @@ impl JetStream {
             max_file: config.max_file_store as u64,
             api: api_tx,
             subscriptions: Mutex::new(Vec::new()),
+            latency: Latency::default(),
         });
         js.restore()?;
         for declared in &config.streams {
@@ -699,23 +735,14 @@ impl JetStream {
     }
 
     fn account_info(&self) -> serde_json::Value {
-        let streams = self.streams.read();
-        let (mut memory, mut storage, mut consumers) = (0u64, 0u64, 0usize);
-        for s in streams.values() {
-            let bytes = s.state().bytes;
-            match s.config().storage {
-                api::Storage::Memory => memory += bytes,
-                api::Storage::File => storage += bytes,
-            }
-            consumers += s.consumer_names().len();
-        }
+        let usage = self.usage();
         serde_json::json!({
-            "memory": memory,
-            "storage": storage,
+            "memory": usage.memory,
+            "storage": usage.storage,
             "reserved_memory": 0,
             "reserved_storage": 0,
-            "streams": streams.len(),
-            "consumers": consumers,
+            "streams": usage.streams,
+            "consumers": usage.consumers,
             "limits": {
                 "max_memory": -1, "max_storage": -1, "max_streams": -1, "max_consumers": -1,
                 "max_ack_pending": -1, "memory_max_stream_bytes": -1,
@@ -723,6 +750,73 @@ impl JetStream {
             },
             "api": {"total": 0, "errors": 0},
         })
+    }
+
+    /// Totals over every stream. Reads each stream's state (in memory: no
+    /// disk access).
+    pub(crate) fn usage(&self) -> Usage {
+        let streams = self.streams.read();
+        let mut usage = Usage {
+            streams: streams.len(),
+            ..Usage::default()
+        };
+        for s in streams.values() {
+            let state = s.state();
+            match s.config().storage {
+                api::Storage::Memory => usage.memory += state.bytes,
+                api::Storage::File => usage.storage += state.bytes,
+            }
+            usage.messages += state.messages;
+            usage.bytes += state.bytes;
+            usage.consumers += s.consumer_names().len();
+        }
+        usage
+    }
+
+    /// Every stream's info, sorted by name, with its consumers' infos when
+    /// `consumers` (through the same `info` calls the API answers with).
+    /// A consumer's `num_pending` may read the store: call this from a
+    /// blocking thread.
+    pub(crate) fn report(&self, consumers: bool) -> Vec<StreamReport> {
+        let mut streams: Vec<Arc<Stream>> = self.streams.read().values().cloned().collect();
+        streams.sort_by(|a, b| a.name().cmp(b.name()));
+        streams
+            .iter()
+            .filter_map(|s| {
+                // Without a subjects filter `info` reads no store index and
+                // cannot fail; a stream that errors anyway is left out.
+                let info = s.info(None).ok()?;
+                let consumers = if consumers {
+                    let mut names = s.consumer_names();
+                    names.sort();
+                    names
+                        .iter()
+                        .filter_map(|n| Some(s.consumer(n)?.info()))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                Some(StreamReport { info, consumers })
+            })
+            .collect()
+    }
+
+    /// Where file streams are stored, and the store limits
+    /// (`max_memory_store`, `max_file_store`; 0: none).
+    pub(crate) fn store_dir(&self) -> &std::path::Path {
+        self.storage.dir()
+    }
+
+    pub(crate) fn store_limits(&self) -> (u64, u64) {
+        (self.max_memory, self.max_file)
+    }
+
+    /// The sync policy: `None` for `always`, else the background interval.
+    pub(crate) fn sync_interval(&self) -> Option<Duration> {
+        match self.sync {
+            SyncPolicy::Always => None,
+            SyncPolicy::Interval(every) => Some(every),
+        }
     }
 }
 
@@ -734,7 +828,16 @@ async fn sync_periodically(js: Weak<JetStream>, every: Duration) {
         let Some(js) = js.upgrade() else {
             return;
         };
-        let _ = tokio::task::spawn_blocking(move || js.storage.sync()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let (started, before) = (std::time::Instant::now(), js.storage.sync_count());
+            let synced = js.storage.sync();
+            // Only real fsyncs: an idle interval has nothing to sync.
+            if js.storage.sync_count() != before {
+                js.latency.fsync.observe(started.elapsed());
+            }
+            synced
+        })
+        .await;
     }
 }
 

@@ -628,10 +628,21 @@ impl Stream {
     /// consumers and answers each publish. Runs on the blocking pool, while
     /// the ingest task already writes the next batch.
     fn finish_batch(&self, written: Written) {
-        let Written { batch, mut results } = written;
+        let Written {
+            batch,
+            mut results,
+            received,
+        } = written;
         let stored_any = results.iter().any(|r| matches!(r, Ok(a) if !a.duplicate));
-        if stored_any && self.js().is_some_and(|js| js.sync_always()) {
-            if let Err(e) = self.store.sync() {
+        let js = self.js();
+        if stored_any && js.as_ref().is_some_and(|js| js.sync_always()) {
+            let started = std::time::Instant::now();
+            let synced = self.store.sync();
+            // A memory stream's sync is a no-op: not an fsync to time.
+            if let Some(js) = js.as_ref().filter(|_| self.is_file()) {
+                js.latency.fsync.observe(started.elapsed());
+            }
+            if let Err(e) = synced {
                 tracing::error!(
                     "stream {}: fsync failed, publishes are not acknowledged: {e}",
                     self.name
@@ -644,14 +655,22 @@ impl Stream {
         if stored_any {
             self.notify_consumers();
         }
-        self.answer(&batch, &results);
+        let acked = self.answer(&batch, &results);
+        if let Some(js) = js.filter(|_| acked && stored_any) {
+            js.latency.publish_ack.observe(received.elapsed());
+        }
+    }
+
+    fn is_file(&self) -> bool {
+        self.config.read().storage == Storage::File
     }
 
     /// Sends each publish of `batch` that has a reply subject its PubAck or
     /// error. The replies share one buffer and their writers are woken once.
-    fn answer(&self, batch: &[Message], results: &[Result<PubAck, ApiError>]) {
+    /// Returns whether any reply was sent.
+    fn answer(&self, batch: &[Message], results: &[Result<PubAck, ApiError>]) -> bool {
         let Some(server) = self.server_state() else {
-            return;
+            return false;
         };
         let mut buf = BytesMut::new();
         let mut replies = Vec::with_capacity(batch.len());
@@ -664,6 +683,7 @@ impl Stream {
                 replies.push((subject.clone(), subject.end..buf.len()));
             }
         }
+        let answered = !replies.is_empty();
         let buf = buf.freeze();
         let mut wakes = WakeList::default();
         for (subject, body) in replies {
@@ -671,12 +691,13 @@ impl Stream {
             server.route_to(&buf[subject], &reply, None, &mut wakes);
         }
         wakes.wake_all();
+        answered
     }
 
     /// Checks and stages every message of `batch` in one store writer, then
     /// commits them together: one write for the batch, not one per message.
     /// Runs on the blocking pool.
-    fn write_batch(&self, batch: Vec<Message>) -> Written {
+    fn write_batch(&self, batch: Vec<Message>, received: std::time::Instant) -> Written {
         let queued: usize = batch.iter().map(|m| m.payload().len()).sum();
         self.ingest_bytes.fetch_sub(queued, Ordering::Relaxed);
         let results = self.store_all(&batch);
@@ -691,7 +712,11 @@ impl Stream {
                 }
             }
         }
-        Written { batch, results }
+        Written {
+            batch,
+            results,
+            received,
+        }
     }
 
     fn store_all(&self, batch: &[Message]) -> Vec<Result<PubAck, ApiError>> {
@@ -881,6 +906,9 @@ impl InternalSubscriber for Ingest {
 struct Written {
     batch: Vec<Message>,
     results: Vec<Result<PubAck, ApiError>>,
+    /// When the ingest task saw the batch's oldest message (see
+    /// [`ingest_loop`]), for the publish-to-ack latency.
+    received: std::time::Instant,
 }
 
 /// Written batches waiting for their fsync and PubAcks: while one is being
@@ -890,6 +918,15 @@ const WRITTEN_MAX: usize = 2;
 
 /// Takes what has queued up (at most [`BATCH_MAX`]) as one batch, writes
 /// it, and passes it on to [`answer_loop`].
+///
+/// Publish-to-ack latency is timed from one clock read per batch, not per
+/// message: a batch whose first message had to be waited for starts when
+/// it arrived (the wake-up); one whose first message was already queued
+/// (it came while the previous batch was being written) starts when the
+/// previous batch was taken. That start is never later than the message's
+/// arrival, so the figure errs on the slow side by at most one batch write,
+/// except after a batch cut at [`BATCH_MAX`], whose leftovers may be older
+/// than that.
 async fn ingest_loop(
     stream: Weak<Stream>,
     mut rx: mpsc::Receiver<Message>,
@@ -897,10 +934,21 @@ async fn ingest_loop(
 ) {
     let (written_tx, written_rx) = mpsc::channel(WRITTEN_MAX);
     tokio::spawn(answer_loop(stream.clone(), written_rx));
+    let mut taken = std::time::Instant::now();
     loop {
-        let first = tokio::select! {
-            _ = stopped.cancelled() => return,
-            m = rx.recv() => match m { Some(m) => m, None => return },
+        if stopped.is_cancelled() {
+            return;
+        }
+        let (first, received) = match rx.try_recv() {
+            Ok(m) => (m, taken),
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let m = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    m = rx.recv() => match m { Some(m) => m, None => return },
+                };
+                (m, std::time::Instant::now())
+            }
         };
         let mut batch = vec![first];
         while batch.len() < BATCH_MAX {
@@ -909,10 +957,12 @@ async fn ingest_loop(
                 Err(_) => break,
             }
         }
+        taken = std::time::Instant::now();
         let Some(s) = stream.upgrade() else {
             return;
         };
-        let Ok(written) = tokio::task::spawn_blocking(move || s.write_batch(batch)).await else {
+        let Ok(written) = tokio::task::spawn_blocking(move || s.write_batch(batch, received)).await
+        else {
             tracing::error!("stream ingest batch panicked");
             continue;
         };
