@@ -177,6 +177,12 @@ impl ServerHandle {
             || matches.queues.iter().any(|g| g.members.iter().any(routed))
     }
 
+    /// Messages and bytes this server has received and sent since start,
+    /// clients' and routes' together.
+    pub fn counts(&self) -> Counts {
+        self.state.counts()
+    }
+
     /// This server's id (as in INFO).
     pub fn server_id(&self) -> &str {
         &self.state.info.server_id
