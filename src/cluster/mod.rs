@@ -291,6 +291,12 @@ impl Cluster {
         urls
     }
 
+    /// This node's client URL as the other nodes list it (what lame duck
+    /// mode leaves out of `connect_urls`).
+    pub fn client_addr(&self) -> &str {
+        &self.client_addr
+    }
+
     /// The registered routes.
     pub fn routes(&self) -> Vec<Arc<Route>> {
         self.routes.lock().values().cloned().collect()
