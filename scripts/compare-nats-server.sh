@@ -8,14 +8,17 @@
 #   SECTIONS=js scripts/compare-nats-server.sh   # durable streams only
 #   SECTIONS=tls RUNS=1 scripts/compare-nats-server.sh   # TLS only
 #   SECTIONS=cluster RUNS=3 scripts/compare-nats-server.sh  # 2-node clusters
+#   SECTIONS=monitor RUNS=5 scripts/compare-nats-server.sh  # cost of monitoring
 #
-# Four sections: `core` (plain NATS messaging), `js` (durable streams:
+# Five sections: `core` (plain NATS messaging), `js` (durable streams:
 # jspub and jsconsume) and `tls` (core messaging, idle connections and
 # connection set-up over TLS, both servers with the same certificate made
 # by `skiff gen-certs`; clients are not asked for certificates) and
 # `cluster` (two nodes of each, routed to each other on loopback, streams
 # off on both; publishers on the first node, subscribers and repliers on the
-# second, so every message crosses the route; CPU is both nodes' together).
+# second, so every message crosses the route; CPU is both nodes' together)
+# and `monitor` (Skiff against itself: with the HTTP monitoring endpoints on
+# and scraped every second, as Prometheus would, and without).
 # Outside the cluster section nats-server runs with JetStream on (`-js`, a
 # fresh store directory), as Skiff does. The js section measures Skiff
 # twice, as two servers started side by side: with its default
@@ -42,7 +45,7 @@ TIMEOUT=${TIMEOUT:-120s}      # bound on each bench run
 JS_MSGS=${JS_MSGS:-200000}    # jspub 16 B, and jsconsume of those messages
 JS_BIG_MSGS=${JS_BIG_MSGS:-100000}  # jspub 1 KiB
 TLS_CONNS=${TLS_CONNS:-$CONNS}  # idle TLS connections
-SECTIONS=${SECTIONS:-core js tls cluster}
+SECTIONS=${SECTIONS:-core js tls cluster monitor}
 
 log() { echo "$*" >&2; }
 
@@ -69,9 +72,16 @@ WORK=$(mktemp -d)
 # The servers of the current pass by name (skiff, skiff2m, nats, ...); for a
 # cluster, SUBURL and PID2 are its second node's.
 declare -A URL PID SUBURL PID2
+# Background scrapers of the monitoring endpoints (not servers: their CPU is
+# not counted).
+SCRAPERS=()
 
 stop_servers() {
     for pid in "${PID[@]}" "${PID2[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    for pid in "${SCRAPERS[@]}"; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
@@ -79,6 +89,7 @@ stop_servers() {
     PID=()
     SUBURL=()
     PID2=()
+    SCRAPERS=()
 }
 
 cleanup() {
@@ -145,8 +156,19 @@ start_servers() {
             "$NATS_SERVER" -c "$WORK/nats-tls.conf" -js -sd "$store" -a 127.0.0.1 -p "$port" \
                 >>"$WORK/$name.log" 2>&1 &
             ;;
+        skiffmon)
+            local http
+            http=$(free_port)
+            "$SKIFF" serve --listen "127.0.0.1:$port" --store "$store" --http "127.0.0.1:$http" \
+                >>"$WORK/$name.log" 2>&1 &
+            PID[$name]=$!
+            scrape "$http" &
+            SCRAPERS+=($!)
+            ;;
         esac
-        PID[$name]=$!
+        if [[ $name != skiffmon ]]; then
+            PID[$name]=$!
+        fi
         URL[$name]="nats://127.0.0.1:$port"
         if [[ $name == *tls ]]; then
             URL[$name]="tls://127.0.0.1:$port"
@@ -154,6 +176,16 @@ start_servers() {
     done
     for name in "$@"; do
         wait_for_port "${URL[$name]##*:}" "$WORK/$name.log"
+    done
+}
+
+# scrape PORT: what Prometheus and a dashboard would do to a monitored
+# server: /metrics, /varz and /connz every second, until killed.
+scrape() {
+    while sleep 1; do
+        for path in metrics varz connz; do
+            curl -s -o /dev/null "http://127.0.0.1:$1/$path" || true
+        done
     done
 }
 
@@ -312,6 +344,12 @@ for PASS in $(seq "$RUNS"); do
         both_cluster cl_queue4 queue --msgs "$MSGS" --size 16 --subs 4
         both_cluster cl_reqrep reqrep --msgs "$REQS" --size 16
     fi
+    if [[ " $SECTIONS " == *" monitor "* ]]; then
+        start_servers skiff skiffmon
+        pair skiffmon skiff mon_pub16 pub --msgs "$MSGS" --size 16
+        pair skiffmon skiff mon_pubsub16 pubsub --msgs "$MSGS" --size 16
+        pair skiffmon skiff mon_fanout4 fanout --msgs "$MSGS" --size 16 --subs 4
+    fi
 done
 stop_servers
 
@@ -446,6 +484,23 @@ if any(server == "natstls" for _, server in results):
     table(TLS_ROWS, "skifftls", "natstls")
 if any(server == "natsc" for _, server in results):
     table(CLUSTER_ROWS, "skiffc", "natsc")
+
+# Monitoring on (endpoints scraped every second) against off, both Skiff.
+MONITOR_ROWS = [
+    ("mon_pub16", "pub, 16 B", "publish msgs/s", "pub_msgs_per_sec", True),
+    ("mon_pubsub16", "pubsub, 16 B", "delivered msgs/s", "sub_msgs_per_sec", True),
+    ("mon_fanout4", "fanout to 4, 16 B", "delivered msgs/s", "sub_msgs_per_sec", True),
+    ("mon_pubsub16", "pubsub, 16 B", "server CPU ns per published msg", per_msg_ns, False),
+]
+if any(server == "skiffmon" for _, server in results):
+    print("| Scenario | Metric | monitoring on | monitoring off | on / off |")
+    print("|---|---|---|---|---|")
+    for key, scenario, label, metric, higher in MONITOR_ROWS:
+        on, off = median(key, "skiffmon", metric), median(key, "skiff", metric)
+        better = "higher is better" if higher else "lower is better"
+        print(f"| {scenario} | {label} | {fmt(on)} | {fmt(off)} | {ratio(on, off)} "
+              f"({better}{notes(key, ('skiffmon', 'skiff'))}) |")
+    print()
 
 if any(key.startswith("js") for key, _ in results):
     print("| Scenario | Metric | Skiff, sync always | Skiff, sync 2m | nats-server "

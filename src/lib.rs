@@ -21,9 +21,11 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod lame_duck;
 pub mod metrics;
 pub mod monitor;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod stream;
@@ -35,4 +37,4 @@ pub mod tools;
 pub mod units;
 
 pub use config::Config;
-pub use server::{ReloadError, Server, ServerHandle, StartError};
+pub use server::{ReloadError, Reloaded, Server, ServerHandle, StartError};

@@ -1,6 +1,11 @@
-//! The `skiff` binary: command-line parsing, config loading and logging
-//! set-up. Everything else lives in the library (the client commands and the
-//! benchmark in `skiff::tools`).
+//! The `skiff` binary: command-line parsing, config loading, logging set-up
+//! and signals. Everything else lives in the library (the client commands,
+//! the benchmark and signal sending in `skiff::tools`).
+//!
+//! Signals to `skiff serve`: SIGINT and SIGTERM shut down gracefully,
+//! SIGHUP reloads the config file ([`reload`]; the log level is applied
+//! here, since the binary owns the subscriber), SIGUSR2 enters lame duck
+//! mode, after which the process exits.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +16,7 @@ use skiff::auth::{AuthorizationConfig, Secret};
 use skiff::config::{cluster::ClusterConfig, http::HttpConfig, TlsConfig};
 use skiff::tools::bench::{self, BenchOptions, Scenario};
 use skiff::tools::conn::{Endpoint, TlsOptions};
+use skiff::tools::signal::{self, PidFile, Signal, Target};
 use skiff::tools::{certs, commands, passwd, Credentials, DEFAULT_URL};
 use skiff::units::{parse_duration, parse_size};
 use skiff::{Config, Server};
@@ -45,6 +51,59 @@ enum Command {
     /// Write a CA, a server certificate and device certificates for
     /// mutual TLS.
     GenCerts(GenCertsArgs),
+    /// Send a command to a running server: reload (SIGHUP), ldm (lame duck
+    /// mode, SIGUSR2), stop (SIGTERM) or quit (SIGINT).
+    Signal(SignalArgs),
+    /// Make a running server reload its config file (skiff signal reload).
+    Reload(TargetArgs),
+    /// Ask a running server about itself.
+    #[command(subcommand)]
+    Server(ServerCommand),
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Connect, log in and PING: print one line and exit 0 if the server
+    /// answers, 1 if not (or if it is in lame duck mode).
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// How long the whole check may take.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+/// Which running server a signal goes to.
+#[derive(Args)]
+struct TargetArgs {
+    /// Its process id.
+    #[arg(long, conflicts_with = "pid_file")]
+    pid: Option<i32>,
+    /// The file `skiff serve --pid-file` wrote.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn target(&self) -> anyhow::Result<Target> {
+        match (self.pid, &self.pid_file) {
+            (Some(pid), _) => Ok(Target::Pid(pid)),
+            (None, Some(path)) => Ok(Target::PidFile(path.clone())),
+            (None, None) => Err(signal::SignalError::NoTarget.into()),
+        }
+    }
+}
+
+#[derive(Args)]
+struct SignalArgs {
+    #[arg(value_enum)]
+    command: Signal,
+    #[command(flatten)]
+    target: TargetArgs,
 }
 
 #[derive(Args)]
@@ -334,6 +393,15 @@ struct ServeArgs {
     /// like [http] listen.
     #[arg(long = "http", value_name = "HOST:PORT")]
     http: Option<String>,
+    /// Write the process id to this file (removed at exit), for
+    /// `skiff signal` and `skiff reload`.
+    #[arg(long = "pid-file", short = 'P')]
+    pid_file: Option<PathBuf>,
+    /// Instead of serving, send a command to a running server, as
+    /// nats-server's --signal: reload, ldm, stop or quit, with =PID or
+    /// =PIDFILE (else the --pid-file given).
+    #[arg(long = "signal", value_name = "COMMAND[=PID]")]
+    signal: Option<String>,
 }
 
 impl ServeArgs {
@@ -410,34 +478,66 @@ impl ServeArgs {
     }
 }
 
-fn init_logging(debug: bool, trace: bool) {
-    let default = if trace {
+/// The log filter the `debug` and `trace` settings ask for.
+fn log_filter(debug: bool, trace: bool) -> &'static str {
+    if trace {
         "skiff=trace"
     } else if debug {
         "skiff=debug"
     } else {
         "skiff=info"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    }
+}
+
+/// Changes the log filter of the running subscriber.
+type LogLevel =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Sets up logging. Returns what changes the level on reload, unless
+/// `RUST_LOG` sets it (then it is RUST_LOG's, as at start).
+fn init_logging(debug: bool, trace: bool) -> Option<LogLevel> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let reloadable = from_env.is_none();
+    let filter =
+        from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(log_filter(debug, trace)));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // Colours only for a person at a terminal: harnesses that wait for
     // "Server is ready" read plain lines.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(colour)
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(colour),
+        )
         .init();
+    reloadable.then_some(handle)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    if let Some(command) = &args.signal {
+        return send_signal(command, args.pid_file.as_deref());
+    }
     let config = args.config()?;
-    init_logging(config.debug, config.trace);
-    let server = Server::start(config).await.context("cannot start server")?;
+    let log_level = init_logging(config.debug, config.trace);
+    // Handlers first: SIGHUP's default action would kill a server that a
+    // script signals as soon as the pid file appears.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let _pid_file = match &args.pid_file {
+        Some(path) => Some(
+            PidFile::write(path)
+                .with_context(|| format!("cannot write pid file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let server = Server::start(config).await.context("cannot start server")?;
     loop {
         tokio::select! {
             _ = term.recv() => {
@@ -448,7 +548,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tracing::info!("Trapped \"interrupt\" signal");
                 break;
             }
-            _ = hup.recv() => reload(&args, &server),
+            _ = hup.recv() => reload(&args, &server, log_level.as_ref()),
+            _ = usr2.recv() => {
+                tracing::info!("Trapped \"user defined signal 2\" signal: lame duck mode");
+                server.lame_duck();
+            }
+            _ = server.stopped() => break,
         }
     }
     server.shutdown().await;
@@ -456,13 +561,82 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// SIGHUP: re-reads the config file (with the flags on top) and applies
-/// what can change while running. A broken file or certificate is logged
-/// and the server goes on as it was.
-fn reload(args: &ServeArgs, server: &skiff::ServerHandle) {
+/// what can change while running, the log level included. A broken file,
+/// certificate or refused change is logged and the server goes on as it
+/// was.
+fn reload(args: &ServeArgs, server: &skiff::ServerHandle, log_level: Option<&LogLevel>) {
     tracing::info!("Trapped \"hangup\" signal: reloading the configuration");
-    let reloaded = args.config().and_then(|config| Ok(server.reload(&config)?));
-    if let Err(e) = reloaded {
-        tracing::error!("Reload failed, keeping the running configuration: {e:#}");
+    let reloaded = args
+        .config()
+        .and_then(|config| Ok((server.reload(&config)?, config)));
+    let (reloaded, config) = match reloaded {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::error!("Reload failed, keeping the running configuration: {e:#}");
+            return;
+        }
+    };
+    if !(reloaded.includes("debug") || reloaded.includes("trace")) {
+        return;
+    }
+    let level = log_filter(config.debug, config.trace);
+    match log_level {
+        Some(handle) => match handle.reload(tracing_subscriber::EnvFilter::new(level)) {
+            Ok(()) => tracing::info!("Reloaded: log level {level}"),
+            Err(e) => tracing::error!("Cannot change the log level: {e}"),
+        },
+        None => tracing::warn!("RUST_LOG sets the log level: debug and trace are not applied"),
+    }
+}
+
+/// `skiff serve --signal COMMAND[=PID|=PIDFILE]`: nats-server's way of
+/// signalling a running server.
+fn send_signal(command: &str, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let (command, target) = signal::parse_command(command)?;
+    let target = target
+        .or_else(|| pid_file.map(|p| Target::PidFile(p.to_owned())))
+        .ok_or(signal::SignalError::NoTarget)?;
+    signal_server(command, &target)
+}
+
+fn signal_server(command: Signal, target: &Target) -> anyhow::Result<()> {
+    let pid = signal::send(command, target)?;
+    eprintln!(
+        "Sent {} to process {pid}",
+        format!("{command:?}").to_lowercase()
+    );
+    Ok(())
+}
+
+/// `skiff server check`: one line, and the exit code scripts test.
+async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let endpoint = args.connect.endpoint()?;
+    match commands::check(&endpoint, args.timeout).await {
+        Ok(h) if h.lame_duck => {
+            println!(
+                "WARNING: {} is in lame duck mode and about to shut down",
+                h.server_name
+            );
+            std::process::exit(1);
+        }
+        Ok(h) => {
+            println!(
+                "OK: {} {} ({}), connected in {:.1} ms",
+                h.server_name,
+                h.version,
+                h.implementation,
+                h.elapsed.as_secs_f64() * 1000.0
+            );
+            Ok(())
+        }
+        Err(e @ skiff::tools::Error::Connect { .. }) => {
+            println!("ERROR: {e}");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            println!("ERROR: {}: {e}", endpoint.addr());
+            std::process::exit(1);
+        }
     }
 }
 
@@ -550,6 +724,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::GenCerts(args) => gen_certs(args),
+        Command::Signal(args) => signal_server(args.command, &args.target.target()?),
+        Command::Reload(target) => signal_server(Signal::Reload, &target.target()?),
+        Command::Server(ServerCommand::Check(args)) => check(args).await,
     }
 }
 
@@ -597,6 +774,29 @@ mod tests {
         let http = config.http.unwrap();
         assert_eq!(http.listen, "127.0.0.1:0");
         assert_eq!(http.token, Some(Secret("t0k".into())));
+    }
+
+    #[test]
+    fn signal_commands_and_their_targets() {
+        let args = serve_args(&["--signal", "ldm", "--pid-file", "/run/s.pid"]);
+        assert_eq!(args.signal.as_deref(), Some("ldm"));
+        assert!(send_signal("reload", None).is_err(), "no pid");
+        let target = |argv: &[&str]| match Cli::try_parse_from(argv).expect("flags parse").command {
+            Command::Signal(a) => (a.command, a.target.target().ok()),
+            Command::Reload(t) => (Signal::Reload, t.target().ok()),
+            _ => panic!("not a signal"),
+        };
+        assert_eq!(
+            target(&["skiff", "signal", "ldm", "--pid", "7"]),
+            (Signal::Ldm, Some(Target::Pid(7)))
+        );
+        assert_eq!(
+            target(&["skiff", "reload", "--pid-file", "f"]),
+            (Signal::Reload, Some(Target::PidFile("f".into())))
+        );
+        assert_eq!(target(&["skiff", "signal", "stop"]).1, None);
+        assert!(Cli::try_parse_from(["skiff", "signal", "reopen"]).is_err());
+        assert!(Cli::try_parse_from(["skiff", "server", "check", "-s", "nats://h:1"]).is_ok());
     }
 
     #[test]

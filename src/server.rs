@@ -16,14 +16,20 @@
 //! Subscriptions enter and leave the sublist through
 //! [`ServerState::add_subscription`] and [`ServerState::unlist_subscription`],
 //! which also keep the cluster's interest (what peers are told) in step.
+//!
+//! Operations: [`ServerHandle::reload`] swaps what may change while running
+//! (the [`Live`] settings, TLS, declared streams; see [`crate::reload`]), and
+//! [`ServerHandle::lame_duck`] stops accepting and closes the clients
+//! gradually before the server stops (see [`crate::lame_duck`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
+use parking_lot::RwLock;
 use smallvec::SmallVec;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +44,8 @@ use crate::stream::JetStream;
 use crate::sublist::{InvalidSubject, Sublist};
 use crate::subscription::{Delivery, InternalSubscriber, Scope, Subscriber, Subscription};
 use crate::tls::{ReloadableTls, ServerTls};
+
+pub use crate::reload::{ReloadError, Reloaded};
 
 /// The version Skiff reports in INFO. Clients enable their modern code paths
 /// (headers, no-responders) from it, so it names the nats-server release
@@ -62,17 +70,6 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
-}
-
-/// Why a reload was refused (the running settings stay as they were).
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    #[error("turning TLS on or off needs a restart")]
-    TlsToggled,
 }
 
 /// The entry point: `Server::start(config).await` runs a server.
@@ -192,26 +189,45 @@ impl ServerHandle {
             || matches.queues.iter().any(|g| g.members.iter().any(routed))
     }
 
+    /// Messages and bytes this server has received and sent since start,
+    /// clients' and routes' together.
+    pub fn counts(&self) -> Counts {
+        self.state.counts()
+    }
+
     /// This server's id (as in INFO).
     pub fn server_id(&self) -> &str {
         &self.state.info.server_id
     }
 
-    /// Applies what can change while running from `config` (re-read from
-    /// its file on SIGHUP): for now the TLS certificate, key, CA and
-    /// settings. New connections use them; existing ones keep theirs. On
-    /// error nothing changes.
-    pub fn reload(&self, config: &Config) -> Result<(), ReloadError> {
-        config.validate()?;
-        match (&self.state.tls, &config.tls) {
-            (Some(current), Some(new)) => {
-                current.replace(ServerTls::load(new)?);
-                tracing::info!("Reloaded: tls");
-                Ok(())
-            }
-            (None, None) => Ok(()),
-            _ => Err(ReloadError::TlsToggled),
-        }
+    /// Applies `config` (re-read from its file on SIGHUP) to the running
+    /// server: limits, users and permissions, TLS certificates, lame duck
+    /// settings and declared streams. Everything is checked first and a
+    /// refused change (`listen`, `[cluster]`, the store, TLS or
+    /// authorization on/off, ...) leaves the server as it was. See
+    /// [`crate::reload`] for what reaches existing connections.
+    pub fn reload(&self, config: &Config) -> Result<Reloaded, ReloadError> {
+        crate::reload::reload(&self.state, config)
+    }
+
+    /// Enters lame duck mode: stops accepting, tells clients (INFO `ldm`)
+    /// to move to another node, closes the rest gradually over
+    /// `lame_duck_duration`, then stops the server; [`ServerHandle::stopped`]
+    /// resolves then. Returns at once; a second call does nothing.
+    pub fn lame_duck(&self) {
+        crate::lame_duck::enter(&self.state);
+    }
+
+    /// Whether the server is in lame duck mode.
+    pub fn is_lame_duck(&self) -> bool {
+        self.state.lame_duck.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the server has stopped serving on its own (lame duck
+    /// mode closed its last client) or shutdown has begun; then call
+    /// [`ServerHandle::shutdown`] to finish and wait for the tasks.
+    pub async fn stopped(&self) {
+        self.state.shutdown.cancelled().await;
     }
 
     /// Stops accepting, lets every client's queued output drain (each within
@@ -229,14 +245,72 @@ impl ServerHandle {
     }
 }
 
-/// State shared by every connection of one server.
-pub(crate) struct ServerState {
+/// The settings a reload may change, swapped whole by
+/// [`ServerHandle::reload`]. A connection takes the current one (one
+/// uncontended read lock and an `Arc` clone) when it is accepted, and
+/// re-takes it only when its `version` is behind
+/// [`ServerState::live_version`], one relaxed load per read batch: no lock
+/// per message.
+pub(crate) struct Live {
+    /// Bumped by each reload.
+    pub version: u64,
+    /// The running configuration (reloadable keys current; the others as
+    /// started, since a reload that changes them is refused).
     pub config: Config,
-    pub addr: SocketAddr,
-    pub info: ServerInfo,
+    /// What the client parser enforces.
     pub limits: Limits,
     /// Set when `[authorization]` is configured.
-    pub auth: Option<Authenticator>,
+    pub auth: Option<Arc<Authenticator>>,
+    /// The INFO clients are greeted with, before their own fields.
+    pub info: ServerInfo,
+}
+
+impl Live {
+    pub(crate) fn new(version: u64, config: Config, identity: &ServerInfo) -> Live {
+        let info = ServerInfo {
+            max_payload: config.max_payload,
+            auth_required: config.authorization.is_some(),
+            ..identity.clone()
+        };
+        Live {
+            version,
+            limits: Limits {
+                max_control_line: config.max_control_line,
+                max_payload: config.max_payload,
+            },
+            auth: config
+                .authorization
+                .as_ref()
+                .map(|a| Arc::new(Authenticator::new(a))),
+            info,
+            config,
+        }
+    }
+}
+
+/// State shared by every connection of one server.
+pub(crate) struct ServerState {
+    /// The configuration as started. Keys that cannot change while running
+    /// (`listen`, `[cluster]`, `[jetstream]` but its streams, names) are
+    /// read here; reloadable ones from [`ServerState::live`].
+    pub config: Config,
+    pub addr: SocketAddr,
+    /// This server's identity (id, name, version) as in INFO; the INFO
+    /// clients get is [`Live::info`].
+    pub info: ServerInfo,
+    /// What route connections are parsed with, fixed at start: payloads up
+    /// to `cluster.max_pending` (which every valid `max_payload`, reloaded
+    /// or not, fits in), so a peer forwarding what its clients may publish
+    /// is never cut off for it.
+    pub limits: Limits,
+    /// What a reload may change; see [`Live`].
+    live: RwLock<Arc<Live>>,
+    live_version: AtomicU64,
+    /// Lame duck mode: no new clients, INFO says `ldm`.
+    pub lame_duck: AtomicBool,
+    /// Stops the accept loop: cancelled by lame duck mode, and by shutdown
+    /// (its parent).
+    pub stop_accepting: CancellationToken,
     /// TLS for client connections, when configured; swapped by a reload.
     pub tls: Option<ReloadableTls>,
     pub sublist: Sublist<Arc<Subscription>>,
@@ -272,17 +346,23 @@ impl ServerState {
             tls_required: tls.is_some(),
             ..ServerInfo::default()
         };
-        let auth = config.authorization.as_ref().map(Authenticator::new);
         let limits = Limits {
             max_control_line: config.max_control_line,
-            max_payload: config.max_payload,
+            max_payload: config.cluster.as_ref().map_or(config.max_payload, |c| {
+                c.max_pending.max(config.max_payload)
+            }),
         };
+        let live = Live::new(0, config.clone(), &info);
+        let shutdown = CancellationToken::new();
         ServerState {
             config,
             addr,
             info,
             limits,
-            auth,
+            live: RwLock::new(Arc::new(live)),
+            live_version: AtomicU64::new(0),
+            lame_duck: AtomicBool::new(false),
+            stop_accepting: shutdown.child_token(),
             tls: tls.map(ReloadableTls::new),
             sublist: Sublist::new(),
             clients: DashMap::new(),
@@ -290,9 +370,27 @@ impl ServerState {
             cluster: OnceLock::new(),
             stats: ServerStats::new(),
             next_client_id: AtomicU64::new(1),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
         }
+    }
+
+    /// The current reloadable settings; see [`Live`].
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live.read())
+    }
+
+    /// The version of the current [`Live`] settings.
+    pub fn live_version(&self) -> u64 {
+        self.live_version.load(Ordering::Relaxed)
+    }
+
+    /// Makes `config` the running one (already checked by the reload).
+    pub(crate) fn replace_live(&self, config: Config) {
+        let mut live = self.live.write();
+        let version = live.version + 1;
+        *live = Arc::new(Live::new(version, config, &self.info));
+        self.live_version.store(version, Ordering::Relaxed);
     }
 
     /// The server's traffic since start: closed connections' plus the live
@@ -479,15 +577,27 @@ impl ServerState {
 
     /// The INFO a client is greeted with (before its own fields are set).
     pub fn client_info(&self) -> ServerInfo {
-        let mut info = self.info.clone();
+        self.client_info_from(&self.live())
+    }
+
+    /// The INFO of `live`, with the cluster's client URLs; in lame duck
+    /// mode it says `ldm` and leaves this node out of them, so clients pick
+    /// another node.
+    pub(crate) fn client_info_from(&self, live: &Live) -> ServerInfo {
+        let mut info = live.info.clone();
+        info.ldm = self.lame_duck.load(Ordering::Relaxed);
         if let Some(cluster) = self.cluster.get() {
             info.connect_urls = cluster.connect_urls();
+            if info.ldm {
+                info.connect_urls.retain(|u| u != cluster.client_addr());
+            }
         }
         info
     }
 
     /// Tells clients that asked for updates (CONNECT `protocol: 1`) the
-    /// cluster's client URLs, so they can fail over to another node.
+    /// current INFO: the cluster's client URLs, so they can fail over to
+    /// another node, a reloaded `max_payload`, lame duck mode.
     pub fn announce_connect_urls(&self) {
         let mut line = BytesMut::new();
         encode_info(&mut line, &self.client_info());
@@ -623,29 +733,33 @@ impl<'a> Forwards<'a> {
     }
 }
 
+/// Accepts clients until shutdown or lame duck mode; the listener closes
+/// when it returns, so connection attempts are refused from then on.
 async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
-            _ = state.shutdown.cancelled() => break,
+            _ = state.stop_accepting.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let max = state.config.max_connections;
+                let live = state.live();
+                let max = live.config.max_connections;
                 if max > 0 && state.clients.len() >= max {
                     tracing::warn!("{peer} - maximum connections exceeded ({max})");
                     state.tasks.spawn(client::refuse(
                         Arc::clone(&state),
+                        live,
                         stream,
                         "maximum connections exceeded",
                     ));
                     continue;
                 }
-                let client = client::register(&state, peer);
+                let client = client::register(&state, &live, peer);
                 state
                     .tasks
-                    .spawn(client::serve(Arc::clone(&state), client, stream));
+                    .spawn(client::serve(Arc::clone(&state), live, client, stream));
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning.

@@ -162,6 +162,14 @@ async fn every_node_gets_every_message_once() {
         round_trip(client).await;
         assert!(ready(sub).is_empty(), "more than 1000");
     }
+    // Each node received its clients' ~333 and the peers' ~667 over routes
+    // (plus the round trips), and sent each message once to each peer with
+    // interest and once to its own subscriber.
+    for n in [&a, &b, &c] {
+        let counts = n.counts();
+        assert!(counts.in_msgs >= 1000, "{counts:?}");
+        assert!(counts.out_msgs >= 1000 + 2 * 333, "{counts:?}");
+    }
     shutdown([a, b, c]).await;
 }
 

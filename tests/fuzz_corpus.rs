@@ -45,6 +45,11 @@ fn server_parser_corpus() {
 }
 
 #[test]
+fn route_parser_corpus() {
+    replay("route_parser", checks::route_parser);
+}
+
+#[test]
 fn sublist_corpus() {
     replay("sublist", checks::sublist);
 }

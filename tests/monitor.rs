@@ -819,3 +819,69 @@ async fn the_grafana_dashboard_uses_only_exported_metrics() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_token_but_not_the_listener() {
+    let mut config = Config::core("127.0.0.1:0");
+    let mut http = HttpConfig::new("127.0.0.1:0");
+    http.token = Some(skiff::auth::Secret("first".into()));
+    config.http = Some(http);
+    let server = Server::start(config.clone()).await.expect("server starts");
+    let addr = server.http_addr().unwrap();
+    assert_eq!(
+        request(addr, "GET", "/varz", Some("first")).await.status,
+        200
+    );
+
+    let mut rotated = config.clone();
+    if let Some(http) = rotated.http.as_mut() {
+        http.token = Some(skiff::auth::Secret("second".into()));
+    }
+    server.reload(&rotated).expect("a new token is reloadable");
+    assert_eq!(
+        request(addr, "GET", "/varz", Some("first")).await.status,
+        401
+    );
+    assert_eq!(
+        request(addr, "GET", "/varz", Some("second")).await.status,
+        200
+    );
+
+    let mut moved = rotated.clone();
+    if let Some(http) = moved.http.as_mut() {
+        http.listen = "127.0.0.1:1".into();
+    }
+    let refused = server.reload(&moved).unwrap_err().to_string();
+    assert!(refused.contains("http.listen"), "{refused}");
+    let mut off = rotated.clone();
+    off.http = None;
+    assert!(
+        server.reload(&off).is_err(),
+        "turning monitoring off needs a restart"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_503_in_lame_duck_mode() {
+    let server = start_with(|c| {
+        monitored(c);
+        // Long enough that the server is still up while the test looks.
+        c.lame_duck_duration = Duration::from_secs(30);
+        c.lame_duck_grace_period = Duration::from_secs(10);
+    })
+    .await;
+    let http = server.http_addr().unwrap();
+    // A connected client keeps the drain (and so the server) going; with
+    // none, lame duck mode ends in a shutdown at once.
+    let client = nats(&server).await;
+    client.flush().await.unwrap();
+    assert_eq!(get(http, "/healthz").await.status, 200);
+    server.lame_duck();
+    let reply = get(http, "/healthz").await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(reply.body.contains("lame duck"), "{}", reply.body);
+    // The other endpoints still answer: operators watch the drain.
+    assert_eq!(get(http, "/varz").await.status, 200);
+    within("shutdown", server.shutdown()).await;
+}

@@ -13,6 +13,9 @@ use std::collections::BTreeMap;
 
 use bytes::{BufMut, BytesMut};
 use skiff::auth::{AuthError, Authenticator, AuthorizationConfig, Secret};
+use skiff::cluster::{
+    encode_interest, encode_msg_line, encode_no_interest, names_queue, parse_route_op, RouteOp,
+};
 use skiff::config::authorization::{PermissionsConfig, SubjectRulesConfig, UserConfig};
 use skiff::protocol::{
     encode_connect, encode_msg_header, encode_pub_header, encode_sub, encode_unsub,
@@ -149,14 +152,19 @@ fn check_arg(arg: &[u8]) {
     assert!(!arg.iter().any(|b| matches!(b, b' ' | b'\t' | b'\n')));
 }
 
+/// `verb text CRLF`: CONNECT, INFO and -ERR carry free text, not arguments,
+/// and no encoder writes them from raw bytes.
+fn text_line(buf: &mut BytesMut, verb: &[u8], text: &[u8]) {
+    buf.put_slice(verb);
+    buf.put_u8(b' ');
+    buf.put_slice(text);
+    buf.put_slice(CRLF);
+}
+
 /// The canonical wire form of a client op, written with Skiff's encoders.
 pub fn encode_client_op(op: &ClientOp, buf: &mut BytesMut) {
     match op {
-        ClientOp::Connect(json) => {
-            buf.put_slice(b"CONNECT ");
-            buf.put_slice(json);
-            buf.put_slice(CRLF);
-        }
+        ClientOp::Connect(json) => text_line(buf, b"CONNECT", json),
         ClientOp::Pub(m) => {
             encode_pub_header(
                 buf,
@@ -182,11 +190,7 @@ pub fn encode_client_op(op: &ClientOp, buf: &mut BytesMut) {
 /// The canonical wire form of a server op.
 pub fn encode_server_op(op: &ServerOp, buf: &mut BytesMut) {
     match op {
-        ServerOp::Info(json) => {
-            buf.put_slice(b"INFO ");
-            buf.put_slice(json);
-            buf.put_slice(CRLF);
-        }
+        ServerOp::Info(json) => text_line(buf, b"INFO", json),
         ServerOp::Msg { sid, message: m } => {
             encode_msg_header(
                 buf,
@@ -200,13 +204,56 @@ pub fn encode_server_op(op: &ServerOp, buf: &mut BytesMut) {
             buf.put_slice(CRLF);
         }
         ServerOp::Ok => buf.put_slice(OK),
-        ServerOp::Err(text) => {
-            buf.put_slice(b"-ERR ");
-            buf.put_slice(text);
-            buf.put_slice(CRLF);
-        }
+        ServerOp::Err(text) => text_line(buf, b"-ERR", text),
         ServerOp::Ping => buf.put_slice(PING),
         ServerOp::Pong => buf.put_slice(PONG),
+    }
+}
+
+/// The queue group names an `RMSG` carries, in order.
+pub fn queue_names(queues: &[u8]) -> Vec<&[u8]> {
+    queues
+        .split(|&b| b == b' ' || b == b'\t')
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+/// The canonical wire form of a route op, written with the cluster's
+/// encoders (a message's control line, then its payload and CRLF, as a
+/// route writes it).
+pub fn encode_route_op(op: &RouteOp, buf: &mut BytesMut) {
+    match op {
+        RouteOp::Info(json) => text_line(buf, b"INFO", json),
+        RouteOp::Connect(json) => text_line(buf, b"CONNECT", json),
+        RouteOp::Interest { subject, queue } => encode_interest(
+            buf,
+            subject,
+            queue.as_ref().map(|(name, weight)| (&name[..], *weight)),
+        ),
+        RouteOp::NoInterest { subject, queue } => {
+            encode_no_interest(buf, subject, queue.as_deref())
+        }
+        RouteOp::Msg { message, queues } => {
+            encode_msg_line(buf, message, &queue_names(queues));
+            buf.put_slice(message.payload());
+            buf.put_slice(CRLF);
+        }
+        RouteOp::Ping => buf.put_slice(PING),
+        RouteOp::Pong => buf.put_slice(PONG),
+        RouteOp::Ok => buf.put_slice(OK),
+        RouteOp::Err(text) => text_line(buf, b"-ERR", text),
+    }
+}
+
+/// `op` as its canonical encoding parses: the encoder separates queue names
+/// by one space, whatever blanks the peer used.
+fn canonical_route_op(op: &RouteOp) -> RouteOp {
+    match op {
+        RouteOp::Msg { message, queues } => RouteOp::Msg {
+            message: message.clone(),
+            queues: queue_names(queues).join(&b' ').into(),
+        },
+        other => other.clone(),
     }
 }
 
@@ -277,6 +324,54 @@ fn check_server_op(op: &ServerOp, limits: &Limits) {
     );
 }
 
+/// Sanity of one parsed route op, and that the cluster's encoders write it
+/// in a form that parses back to the same op.
+fn check_route_op(op: &RouteOp, limits: &Limits) {
+    match op {
+        RouteOp::Info(text) | RouteOp::Connect(text) | RouteOp::Err(text) => {
+            assert!(!text.is_empty());
+            assert!(!text.contains(&b'\n'));
+            assert!(!matches!(text[0], b' ' | b'\t'));
+        }
+        RouteOp::Interest { subject, queue } => {
+            check_arg(subject);
+            if let Some((name, _)) = queue {
+                check_arg(name);
+            }
+        }
+        RouteOp::NoInterest { subject, queue } => {
+            check_arg(subject);
+            queue.as_deref().map(check_arg);
+        }
+        RouteOp::Msg { message, queues } => {
+            check_message(message, limits);
+            // The names are trimmed of the blanks around them, and every one
+            // is found by `names_queue`, which routing asks.
+            assert!(!queues.starts_with(b" ") && !queues.starts_with(b"\t"));
+            assert!(!queues.ends_with(b" ") && !queues.ends_with(b"\t"));
+            for name in queue_names(queues) {
+                check_arg(name);
+                assert!(names_queue(queues, name));
+            }
+            assert!(!names_queue(queues, b""));
+        }
+        RouteOp::Ping | RouteOp::Pong | RouteOp::Ok => {}
+    }
+    let mut buf = BytesMut::new();
+    encode_route_op(op, &mut buf);
+    let wire = buf.to_vec();
+    let again = parse_whole(&wire, &UNLIMITED, parse_route_op);
+    assert_eq!(
+        again,
+        Outcome {
+            ops: vec![canonical_route_op(op)],
+            end: End::Leftover(Vec::new())
+        },
+        "re-encoded as {:?}",
+        String::from_utf8_lossy(&wire)
+    );
+}
+
 /// Parses `stream` whole and in `chunks`, asserts both give the same ops and
 /// the same end, checks every op, and returns the outcome.
 pub fn check_client_stream(stream: &[u8], chunks: &[usize], limits: &Limits) -> Outcome<ClientOp> {
@@ -296,6 +391,17 @@ pub fn check_server_stream(stream: &[u8], chunks: &[usize], limits: &Limits) -> 
     assert_eq!(whole, split, "split into reads of {chunks:?}");
     for op in &whole.ops {
         check_server_op(op, limits);
+    }
+    whole
+}
+
+/// [`check_client_stream`] for the route protocol between cluster nodes.
+pub fn check_route_stream(stream: &[u8], chunks: &[usize], limits: &Limits) -> Outcome<RouteOp> {
+    let whole = parse_whole(stream, limits, parse_route_op);
+    let split = parse_chunked(stream, chunks, limits, parse_route_op);
+    assert_eq!(whole, split, "split into reads of {chunks:?}");
+    for op in &whole.ops {
+        check_route_op(op, limits);
     }
     whole
 }
@@ -368,6 +474,12 @@ pub fn client_parser(data: &[u8]) {
 pub fn server_parser(data: &[u8]) {
     let plan = Plan::decode(data);
     check_server_stream(plan.stream, &plan.chunks, &plan.limits);
+}
+
+/// Fuzz target `route_parser`.
+pub fn route_parser(data: &[u8]) {
+    let plan = Plan::decode(data);
+    check_route_stream(plan.stream, &plan.chunks, &plan.limits);
 }
 
 // ---------------------------------------------------------------------------

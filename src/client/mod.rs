@@ -21,6 +21,15 @@
 //! on each PUB (through a per-connection [`PublishCache`]) and SUB, and at
 //! delivery for subscriptions flagged by [`SubscribeCheck::Filtered`].
 //!
+//! Reloadable settings: a connection is served with the [`Live`] settings
+//! current when it was accepted, and picks up a reloaded one at its next
+//! read batch (one relaxed load tells): `max_payload`, `max_control_line`,
+//! `max_subscriptions` and `max_pings_out` reach existing connections
+//! that way. `max_pending`, `ping_interval` and `write_deadline` are fixed
+//! when the connection starts, and so are its authenticator (judged
+//! against the users of its greeting) and, once logged in, its user and
+//! permissions.
+//!
 //! Invariants: every exit path runs [`Connection::cleanup`], which removes all
 //! of the client's subscriptions from the sublist (breaking the
 //! `Subscription → ClientShared` reference cycle) and deregisters it.
@@ -46,14 +55,14 @@ use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{
-    PermissionViolation, Permissions, PublishCache, Replies, SubscribeCheck, AUTH_TIMEOUT,
-    AUTH_VIOLATION,
+    Authenticator, PermissionViolation, Permissions, PublishCache, Replies, SubscribeCheck,
+    AUTH_TIMEOUT, AUTH_VIOLATION,
 };
 use crate::protocol::{
     encode_err, encode_info, parse_client_op, ClientOp, ConnectOptions, Message, ProtocolError, OK,
     PING, PONG,
 };
-use crate::server::ServerState;
+use crate::server::{Live, ServerState};
 use crate::subject;
 use crate::subscription::{Subscriber, Subscription};
 use crate::tls::{self, PeerIdentity};
@@ -149,6 +158,9 @@ pub struct ClientShared {
     details: Mutex<Details>,
     /// Cuts the connection off without flushing (slow consumer, write error).
     kill: CancellationToken,
+    /// Asks the reader to end the connection as shutdown does, flushing
+    /// what is queued: how lame duck mode closes clients one by one.
+    close: CancellationToken,
     /// Why it was cut off, for the reader's log line.
     kill_reason: Mutex<Option<CloseReason>>,
     /// The client said `headers: true` in CONNECT.
@@ -181,6 +193,7 @@ impl ClientShared {
             in_bytes: AtomicU64::new(0),
             details: Mutex::new(Details::default()),
             kill: CancellationToken::new(),
+            close: CancellationToken::new(),
             kill_reason: Mutex::new(None),
             headers: AtomicBool::new(false),
             info_updates: AtomicBool::new(false),
@@ -292,6 +305,12 @@ impl ClientShared {
             self.kill.cancel();
             let _ = write_task.await;
         }
+    }
+
+    /// Ends the connection as shutdown does: what is queued is flushed
+    /// (within `write_deadline`), then it closes.
+    pub(crate) fn close(&self) {
+        self.close.cancel();
     }
 
     /// Closes the connection now, dropping what is queued.
@@ -426,6 +445,11 @@ impl Options {
 /// The reader side of one connection.
 struct Connection {
     server: Arc<ServerState>,
+    /// The reloadable settings in force; see the module docs.
+    live: Arc<Live>,
+    /// Judges this connection's CONNECT: the one its greeting was made for
+    /// (the nonce in INFO depends on it), kept across reloads.
+    auth: Option<Arc<Authenticator>>,
     client: Arc<ClientShared>,
     options: Options,
     pings_out: u32,
@@ -449,24 +473,30 @@ struct Connection {
 /// Registers a newly accepted connection. Called on the accept loop itself,
 /// so that `max_connections` counts every accepted client, even ones whose
 /// task has not run yet.
-pub(crate) fn register(server: &ServerState, addr: SocketAddr) -> Arc<ClientShared> {
+pub(crate) fn register(server: &ServerState, live: &Live, addr: SocketAddr) -> Arc<ClientShared> {
     let id = server.next_client_id();
-    let client = Arc::new(ClientShared::new(id, addr, server.config.max_pending));
+    let client = Arc::new(ClientShared::new(id, addr, live.config.max_pending));
     server.clients.insert(id, Arc::clone(&client));
     server.stats.connected();
     client
 }
 
 /// Serves one accepted TCP connection until it closes: in plain text, or
-/// after a TLS handshake when the server requires TLS.
-pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, stream: TcpStream) {
+/// after a TLS handshake when the server requires TLS. `live`: the settings
+/// current when it was accepted.
+pub(crate) async fn serve(
+    server: Arc<ServerState>,
+    live: Arc<Live>,
+    client: Arc<ClientShared>,
+    stream: TcpStream,
+) {
     let Some(tls) = server.tls.as_ref().map(|t| t.current()) else {
-        let (info, greeting) = greet(&server, &client, false);
+        let (info, greeting) = greet(&server, live, &client, false);
         let _ = client.outbound.push_bytes(&info);
         let (reader, writer) = stream.into_split();
         return serve_split(server, client, reader, writer, greeting).await;
     };
-    let (info, mut greeting) = greet(&server, &client, tls.verify);
+    let (info, mut greeting) = greet(&server, live, &client, tls.verify);
     // Boxed: the handshake's state is large and short-lived, and inline it
     // would size every connection's task, plain ones included.
     let handshake = tokio::select! {
@@ -508,9 +538,10 @@ pub(crate) async fn serve(server: Arc<ServerState>, client: Arc<ClientShared>, s
 }
 
 /// What a connection's greeting told or learnt about the client, for
-/// authentication when its CONNECT arrives.
-#[derive(Default)]
+/// authentication when its CONNECT arrives, and the settings it was made
+/// with.
 pub(crate) struct Greeting {
+    live: Arc<Live>,
     /// The nonce INFO carried (only when nkey users exist).
     nonce: Option<String>,
     /// The verified certificate's identity, when certificates name users.
@@ -518,19 +549,25 @@ pub(crate) struct Greeting {
 }
 
 /// The INFO this client is greeted with, and the nonce in it.
-fn greet(server: &ServerState, client: &ClientShared, tls_verify: bool) -> (BytesMut, Greeting) {
-    let mut info = server.client_info();
+fn greet(
+    server: &ServerState,
+    live: Arc<Live>,
+    client: &ClientShared,
+    tls_verify: bool,
+) -> (BytesMut, Greeting) {
+    let mut info = server.client_info_from(&live);
     info.client_id = client.id;
     info.client_ip = client.addr.ip().to_string();
     info.tls_verify = tls_verify;
-    info.nonce = server
+    info.nonce = live
         .auth
         .as_ref()
         .filter(|a| a.needs_nonce())
-        .map(|_| crate::auth::Authenticator::new_nonce());
+        .map(|_| Authenticator::new_nonce());
     let mut line = BytesMut::new();
     encode_info(&mut line, &info);
     let greeting = Greeting {
+        live,
         nonce: info.nonce,
         cert: None,
     };
@@ -550,15 +587,19 @@ pub(crate) async fn serve_split<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     tracing::debug!("{client} - Client connection created");
+    let live = greeting.live;
     let write_task = tokio::spawn(write_loop(
         Arc::clone(&client),
         writer,
-        server.config.write_deadline,
+        live.config.write_deadline,
     ));
+    let auth = live.auth.clone();
     let mut conn = Connection {
-        awaiting_auth: server.auth.is_some(),
+        awaiting_auth: auth.is_some(),
         pending_connect: None,
         server,
+        live,
+        auth,
         client,
         options: Options::default(),
         pings_out: 0,
@@ -574,25 +615,30 @@ pub(crate) async fn serve_split<R, W>(
 }
 
 /// Refuses a connection: INFO, then `-ERR 'text'`, then close.
-pub(crate) async fn refuse(server: Arc<ServerState>, mut stream: TcpStream, text: &'static str) {
+pub(crate) async fn refuse(
+    server: Arc<ServerState>,
+    live: Arc<Live>,
+    mut stream: TcpStream,
+    text: &'static str,
+) {
     let mut out = BytesMut::new();
-    encode_info(&mut out, &server.info);
+    encode_info(&mut out, &server.client_info_from(&live));
     encode_err(&mut out, &text);
-    let _ = timeout(server.config.write_deadline, stream.write_all(&out)).await;
+    let _ = timeout(live.config.write_deadline, stream.write_all(&out)).await;
     let _ = stream.shutdown().await;
 }
 
 impl Connection {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, mut reader: R) -> CloseReason {
         let mut buf = ReadBuffer::new();
-        let period = self.server.config.ping_interval;
+        let period = self.live.config.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + period, period);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let client = Arc::clone(&self.client);
         let shutdown = self.server.shutdown.clone();
         // Disabled by its guard once CONNECT is accepted (or when no auth
         // is configured, where the period is never used).
-        let auth_timeout = self.server.auth.as_ref().map_or(period, |a| a.timeout());
+        let auth_timeout = self.auth.as_ref().map_or(period, |a| a.timeout());
         let auth_deadline = tokio::time::sleep(auth_timeout);
         tokio::pin!(auth_deadline);
         loop {
@@ -601,6 +647,7 @@ impl Connection {
                 biased;
                 reason = client.killed() => return reason,
                 _ = shutdown.cancelled() => return CloseReason::ServerShutdown,
+                _ = client.close.cancelled() => return CloseReason::ServerShutdown,
                 _ = &mut auth_deadline, if self.awaiting_auth => {
                     tracing::debug!("{} - {AUTH_TIMEOUT}", self.client);
                     self.send_err(&AUTH_TIMEOUT);
@@ -649,10 +696,14 @@ impl Connection {
         }
     }
 
-    /// Handles every complete op in `buf`.
+    /// Handles every complete op in `buf`, with the current settings.
     fn process(&mut self, buf: &mut BytesMut) -> Result<(), CloseReason> {
+        if self.live.version != self.server.live_version() {
+            self.live = self.server.live();
+        }
+        let limits = self.live.limits;
         loop {
-            match parse_client_op(buf, &self.server.limits) {
+            match parse_client_op(buf, &limits) {
                 Ok(Some(op)) => {
                     self.handle(op)?;
                     if self.pending_connect.is_some() {
@@ -678,7 +729,8 @@ impl Connection {
     }
 
     fn handle(&mut self, op: ClientOp) -> Result<(), CloseReason> {
-        if self.server.config.trace {
+        // Follows the log level, which a reload may change.
+        if tracing::enabled!(tracing::Level::TRACE) {
             self.trace_op(&op);
         }
         if self.awaiting_auth && !matches!(op, ClientOp::Connect(_)) {
@@ -726,10 +778,10 @@ impl Connection {
     /// bcrypt verification takes milliseconds by design, which must not
     /// stall the other connections of this worker thread.
     async fn authenticate(&mut self, options: ConnectOptions) -> Result<(), CloseReason> {
-        let server = Arc::clone(&self.server);
+        let auth = self.auth.clone();
         let (nonce, cert) = (self.nonce.clone(), self.cert.clone());
         let judged = tokio::task::spawn_blocking(move || {
-            let auth = server.auth.as_ref()?;
+            let auth = auth.as_ref()?;
             Some(
                 auth.authenticate(&options, nonce.as_deref(), cert.as_ref())
                     .map(|a| (a, options)),
@@ -869,7 +921,7 @@ impl Connection {
         }
         let sub = {
             let mut subs = self.client.subs.lock();
-            let max = self.server.config.max_subscriptions;
+            let max = self.live.config.max_subscriptions;
             if subs.contains_key(&sid) {
                 // nats-server ignores a SUB that reuses a live sid.
                 None
@@ -913,7 +965,7 @@ impl Connection {
     /// The ping timer fired: ping the client, or close it if it has not
     /// answered `max_pings_out` pings.
     fn ping_tick(&mut self) -> Result<(), CloseReason> {
-        if self.pings_out + 1 > self.server.config.max_pings_out {
+        if self.pings_out + 1 > self.live.config.max_pings_out {
             tracing::debug!("{} - Stale Client Connection - Closing", self.client);
             self.send_err(&"Stale Connection");
             return Err(CloseReason::StaleConnection);
@@ -950,7 +1002,7 @@ impl Connection {
         self.client.add_received(&mut self.received);
         self.server.clients.remove(&self.client.id);
         self.client
-            .finish(write_task, self.server.config.write_deadline)
+            .finish(write_task, self.live.config.write_deadline)
             .await;
         self.server.stats.closed(&self.client, reason);
         tracing::debug!("{} - Client connection closed: {reason}", self.client);

@@ -27,7 +27,10 @@ mod dial;
 mod protocol;
 mod route;
 
-pub use protocol::{names_queue, parse_route_op, RouteInfo, RouteOp};
+pub use protocol::{
+    encode_interest, encode_msg_line, encode_no_interest, encode_route_info, names_queue,
+    parse_route_op, RouteInfo, RouteOp,
+};
 pub use route::Route;
 
 use std::collections::{HashMap, HashSet};
@@ -43,7 +46,7 @@ use crate::auth::{Authenticator, AuthorizationConfig};
 use crate::config::cluster::{ClusterConfig, RouteUrl};
 use crate::server::ServerState;
 use crate::subscription::Subscription;
-use protocol::{encode_interest, encode_no_interest, encode_route_info, Peer};
+use protocol::Peer;
 
 /// Why the cluster layer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +289,12 @@ impl Cluster {
                 .map_or(true, |a| !a.ip().is_unspecified())
         });
         urls
+    }
+
+    /// This node's client URL as the other nodes list it (what lame duck
+    /// mode leaves out of `connect_urls`).
+    pub fn client_addr(&self) -> &str {
+        &self.client_addr
     }
 
     /// The registered routes.

@@ -199,7 +199,7 @@ pub fn parse_route_op(
 ) -> Result<Option<RouteOp>, ProtocolError> {
     let (after_line, body) = match line(buf) {
         Ok(done) => done,
-        Err(_) if buf.len() > limits.max_control_line + 1 => {
+        Err(_) if buf.len() > limits.max_control_line.saturating_add(1) => {
             return Err(ProtocolError::MaxControlLine)
         }
         Err(_) => return Ok(None),
@@ -311,17 +311,18 @@ fn msg(chunk: &Bytes, words: &Words, verb: Verb, line_len: usize, total: usize) 
     let word = |i: usize| &chunk[words.first[i].clone()];
     let (reply, queues) = match middle {
         0 => (None, 0..0),
-        _ if word(2) == b"+" && middle >= 2 => {
+        // One word is the reply, whatever it is: a reply subject may be `+`
+        // or `|` (nats-server reads it so, and `encode_msg_line` writes it
+        // so when there are no queues).
+        1 => (Some(words.first[2].clone()), 0..0),
+        _ if word(2) == b"+" => {
             let reply = words.first[3].clone();
             (
                 Some(reply.clone()),
                 queue_span(words, reply.end, sizes, middle > 2),
             )
         }
-        _ if word(2) == b"|" && middle >= 2 => {
-            (None, queue_span(words, words.first[2].end, sizes, true))
-        }
-        1 if word(2) != b"+" && word(2) != b"|" => (Some(words.first[2].clone()), 0..0),
+        _ if word(2) == b"|" => (None, queue_span(words, words.first[2].end, sizes, true)),
         _ => return None,
     };
     let queues = trim(chunk, queues);
@@ -514,6 +515,39 @@ mod tests {
         }
     }
 
+    /// Regression (found by tests/proptest_route_parser.rs): a reply subject
+    /// of `+` or `|` with no queues was refused, though `encode_msg_line`
+    /// writes it that way and nats-server reads it as the reply.
+    #[test]
+    fn a_reply_may_be_a_queue_marker() {
+        for reply in [&b"+"[..], b"|"] {
+            let msg = Message::new(b"foo", Some(reply), None, b"hi");
+            let mut buf = BytesMut::new();
+            encode_msg_line(&mut buf, &msg, &[]);
+            buf.put_slice(msg.payload());
+            buf.put_slice(CRLF);
+            let (back, queues) = one_msg(&buf);
+            assert_eq!((back, &queues[..]), (msg, &b""[..]));
+        }
+        let (m, q) = one_msg(b"RMSG $G foo + + q1 2\r\nhi\r\n");
+        assert_eq!((m.reply(), &q[..]), (Some(&b"+"[..]), &b"q1"[..]));
+    }
+
+    /// Regression (found by tests/proptest_route_parser.rs): an incomplete
+    /// line under a `max_control_line` of `usize::MAX` overflowed the length
+    /// check (a panic in debug builds, and in release every partial line
+    /// was refused as too long).
+    #[test]
+    fn unlimited_control_line_waits() {
+        let limits = Limits {
+            max_control_line: usize::MAX,
+            max_payload: usize::MAX,
+        };
+        let mut buf = BytesMut::from(&b"RS+ $G foo"[..]);
+        assert_eq!(parse_route_op(&mut buf, &limits), Ok(None));
+        assert_eq!(&buf[..], b"RS+ $G foo");
+    }
+
     #[test]
     fn interest_and_control_ops_parse() {
         let ops = parse_all(
@@ -550,7 +584,7 @@ mod tests {
         for bad in [
             &b"RMSG $G\r\n"[..],
             b"RMSG $G foo x\r\n",
-            b"RMSG $G foo + 5\r\nhello\r\n",
+            b"RMSG $G foo x y 5\r\nhello\r\n",
             b"HMSG $G foo 9 5\r\nhello\r\n",
             b"RS+ $G foo q\r\n",
             b"RS+ $G foo q -1\r\n",

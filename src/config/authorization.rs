@@ -43,7 +43,7 @@ impl fmt::Debug for Secret {
 }
 
 /// The `[authorization]` table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthorizationConfig {
     /// One shared token (`auth_token` in CONNECT).
@@ -76,7 +76,7 @@ impl Default for AuthorizationConfig {
 
 /// One entry of `users`: a name with a password, an nkey, or (for clients
 /// identified by their TLS certificate) a name alone.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UserConfig {
     pub user: Option<String>,
@@ -88,7 +88,7 @@ pub struct UserConfig {
 }
 
 /// What one user may publish and subscribe to.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PermissionsConfig {
     pub publish: Option<SubjectRulesConfig>,
@@ -99,7 +99,7 @@ pub struct PermissionsConfig {
 
 /// `publish`/`subscribe`: a subject, a list (allowed subjects) or
 /// `{ allow, deny }`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum SubjectRulesConfig {
     One(String),
@@ -107,7 +107,7 @@ pub enum SubjectRulesConfig {
     Rules(AllowDeny),
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AllowDeny {
     /// `None`: everything not denied; `Some([])`: nothing.
@@ -133,14 +133,14 @@ impl SubjectRulesConfig {
 }
 
 /// `allow_responses = true` or `{ max = 5, expires = "1m" }`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum AllowResponsesConfig {
     Enabled(bool),
     Limits(ResponseLimits),
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResponseLimits {
     #[serde(default)]

@@ -14,7 +14,7 @@ use super::authorization::Secret;
 use super::{de_duration, de_size, ConfigError, TlsConfig};
 
 /// The `[cluster]` table. Present means this node routes messages to peers.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// Every node of one mesh has the same name; a route from a node of
@@ -69,7 +69,7 @@ impl Default for ClusterConfig {
 
 /// `[cluster.authorization]`: one user and password (or a token) every node
 /// of the mesh uses, as nats-server's cluster `authorization {}`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouteAuthorization {
     pub user: Option<String>,

@@ -56,6 +56,14 @@ pub struct Config {
     pub debug: bool,
     /// Log every protocol operation (very verbose).
     pub trace: bool,
+    /// Lame duck mode (SIGUSR2): the longest it takes, from the signal to
+    /// the exit, to close every client (nats-server's key and default).
+    #[serde(deserialize_with = "de_duration")]
+    pub lame_duck_duration: Duration,
+    /// Lame duck mode: how long clients are left to move away on their own
+    /// before the server starts closing them. Part of `lame_duck_duration`.
+    #[serde(deserialize_with = "de_duration")]
+    pub lame_duck_grace_period: Duration,
     /// Durable streams.
     pub jetstream: JetStreamConfig,
     /// Who may connect and what they may do (`None`: anyone, anything).
@@ -225,6 +233,8 @@ impl Default for Config {
             write_deadline: Duration::from_secs(10),
             debug: false,
             trace: false,
+            lame_duck_duration: Duration::from_secs(120),
+            lame_duck_grace_period: Duration::from_secs(10),
             jetstream: JetStreamConfig::default(),
             authorization: None,
             tls: None,
@@ -323,6 +333,9 @@ impl Config {
         }
         if self.ping_interval.is_zero() || self.write_deadline.is_zero() {
             return invalid("ping_interval and write_deadline must be greater than 0");
+        }
+        if self.lame_duck_grace_period >= self.lame_duck_duration {
+            return invalid("lame_duck_grace_period must be shorter than lame_duck_duration");
         }
         if let Some(auth) = &self.authorization {
             auth.validate()?;
@@ -446,6 +459,39 @@ mod tests {
             let err = Config::from_toml(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_documented_config_file_holds_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/skiff.toml");
+        let c = Config::from_file(&path).unwrap();
+        let d = Config::default();
+        assert_eq!(
+            (
+                c.max_payload,
+                c.lame_duck_duration,
+                c.lame_duck_grace_period
+            ),
+            (
+                d.max_payload,
+                d.lame_duck_duration,
+                d.lame_duck_grace_period
+            )
+        );
+    }
+
+    #[test]
+    fn lame_duck_keys_have_nats_servers_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.lame_duck_duration, Duration::from_secs(120));
+        assert_eq!(c.lame_duck_grace_period, Duration::from_secs(10));
+        let c = Config::from_toml("lame_duck_duration = \"30s\"\nlame_duck_grace_period = \"1s\"")
+            .unwrap();
+        assert_eq!(c.lame_duck_duration, Duration::from_secs(30));
+        let err = Config::from_toml("lame_duck_duration = \"5s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lame_duck_grace_period"), "{err}");
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! 200 `{"status":"ok"}` when the server is accepting clients and, with
 //! durable streams, its store directory takes a write and an fsync; 503
-//! `{"status":"unavailable","error":...}` otherwise (shutting down, or the
-//! store directory is read-only, full or gone).
+//! `{"status":"unavailable","error":...}` otherwise (shutting down, in lame
+//! duck mode, or the store directory is read-only, full or gone).
 //!
 //! The store probe creates a small file ([`PROBE_FILE`]) in the store
 //! directory, writes it, fsyncs it and removes it: creating and removing
@@ -70,6 +70,9 @@ pub(super) fn healthz(monitor: &Monitor) -> Response<Full<Bytes>> {
     let state = &monitor.state;
     let verdict = if state.shutdown.is_cancelled() {
         Err("server is shutting down".to_string())
+    } else if state.lame_duck.load(std::sync::atomic::Ordering::Relaxed) {
+        // Clients are being moved away: so should new traffic be.
+        Err("server is in lame duck mode".to_string())
     } else if let Some(js) = state.jetstream.get() {
         monitor.health.store(js.store_dir())
     } else {

@@ -21,7 +21,8 @@
 //!   stream's lock (`/varz`, `/jsz`, `/metrics`, `/healthz`) runs on the
 //!   blocking pool, off the server's event loop.
 //! - **Token.** With `[http] token`, every endpoint except `/healthz`
-//!   requires `Authorization: Bearer <token>` (compared in constant time);
+//!   requires `Authorization: Bearer <token>` (compared in constant time;
+//!   a reload may change it, not `listen`);
 //!   `/healthz` stays open because load balancers and Kubernetes probes do
 //!   not send one, and it tells nothing but ok/unavailable.
 
@@ -142,7 +143,6 @@ pub(crate) fn serve(state: &Arc<ServerState>, listener: HttpListener) -> SocketA
     tracing::info!("Starting http monitor on http://{addr}");
     let monitor = Arc::new(Monitor {
         state: Arc::clone(state),
-        token,
         addr,
         cpu: varz::CpuMeter::new(),
         health: healthz::Probe::default(),
@@ -155,7 +155,6 @@ pub(crate) fn serve(state: &Arc<ServerState>, listener: HttpListener) -> SocketA
 /// What every request handler shares.
 struct Monitor {
     state: Arc<ServerState>,
-    token: Option<Secret>,
     /// Where the endpoints are served (shown in `/varz`).
     addr: SocketAddr,
     /// The previous CPU sample, for `/varz`'s `cpu` percentage.
@@ -307,9 +306,11 @@ impl Monitor {
     }
 
     /// Whether the request carries the configured bearer token (always, when
-    /// none is configured).
+    /// none is configured). The token is the running configuration's, so a
+    /// reload that changes it applies from the next request.
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(token) = &self.token else {
+        let live = self.state.live();
+        let Some(token) = live.config.http.as_ref().and_then(|h| h.token.as_ref()) else {
             return true;
         };
         let given = headers

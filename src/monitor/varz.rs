@@ -94,7 +94,9 @@ struct ClusterVarz {
 
 pub(super) fn varz(monitor: &Monitor) -> Varz {
     let state = &monitor.state;
-    let config = &state.config;
+    // Limits as running: a reload may have changed them since start.
+    let live = state.live();
+    let config = &live.config;
     let info = &state.info;
     let counts = state.counts();
     let routes = state.cluster.get().map(|c| c.routes().len()).unwrap_or(0);
@@ -107,7 +109,7 @@ pub(super) fn varz(monitor: &Monitor) -> Varz {
         go: info.go.clone(),
         host: info.host.clone(),
         port: info.port,
-        auth_required: info.auth_required,
+        auth_required: live.info.auth_required,
         tls_required: info.tls_required,
         max_connections: config.max_connections,
         max_subscriptions: config.max_subscriptions,

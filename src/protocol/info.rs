@@ -39,6 +39,11 @@ pub struct ServerInfo {
     /// Random per connection when nkey users exist: the client signs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// Lame duck mode: the server is about to go away; clients should
+    /// reconnect to another node of `connect_urls` (which no longer lists
+    /// this one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ldm: bool,
 }
 
 /// What a client says in `CONNECT`. Every field is optional: one the client

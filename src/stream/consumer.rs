@@ -450,6 +450,18 @@ impl Consumer {
     }
 
     pub(crate) fn update(&self, new: ConsumerConfig) -> Result<(), ApiError> {
+        self.check_update(&new)?;
+        *self.config.write() = new;
+        let mut st = self.state.lock();
+        self.persist_durably(&mut st)?;
+        drop(st);
+        self.wake();
+        Ok(())
+    }
+
+    /// What [`Consumer::update`] refuses of `new`, checked without changing
+    /// anything.
+    pub(crate) fn check_update(&self, new: &ConsumerConfig) -> Result<(), ApiError> {
         let old = self.config();
         let fixed = |c: &ConsumerConfig| {
             (
@@ -460,16 +472,11 @@ impl Consumer {
                 c.deliver_subject.is_some(),
             )
         };
-        if fixed(&old) != fixed(&new) {
+        if fixed(&old) != fixed(new) {
             return Err(ApiError::consumer_config(
                 "consumer configuration can not be updated",
             ));
         }
-        *self.config.write() = new;
-        let mut st = self.state.lock();
-        self.persist_durably(&mut st)?;
-        drop(st);
-        self.wake();
         Ok(())
     }
 

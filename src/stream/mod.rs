@@ -141,13 +141,7 @@ impl JetStream {
             latency: Latency::default(),
         });
         js.restore()?;
-        for declared in &config.streams {
-            js.declare(declared.clone())
-                .map_err(|error| JetStreamError::Declared {
-                    name: declared.name.clone(),
-                    error,
-                })?;
-        }
+        js.declare_all(&config.streams)?;
         let worker = Arc::downgrade(&js);
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
@@ -199,6 +193,86 @@ impl JetStream {
                     self.streams.write().insert(name, stream);
                 }
                 Err(e) => tracing::error!("stream {name} could not be restored: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates or updates the streams (and consumers) declared in the
+    /// config file to match it: at start and on reload. Everything is
+    /// checked first ([`JetStream::check_declared`]), so a declaration that
+    /// cannot apply changes nothing (short of the disk failing half-way).
+    /// A stream no longer declared is kept: it holds data.
+    pub(crate) fn declare_all(
+        self: &Arc<Self>,
+        streams: &[StreamConfig],
+    ) -> Result<(), JetStreamError> {
+        self.check_declared(streams)?;
+        for declared in streams {
+            self.declare(declared.clone())
+                .map_err(|error| JetStreamError::Declared {
+                    name: declared.name.clone(),
+                    error,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Checks declared streams as the API would, without changing
+    /// anything: each config and its consumers, what updating an existing
+    /// stream refuses, and subjects overlapping another stream's as they
+    /// will be once every declaration is applied.
+    pub(crate) fn check_declared(&self, streams: &[StreamConfig]) -> Result<(), JetStreamError> {
+        let existing = self.streams.read().clone();
+        let mut planned: HashMap<String, StreamConfig> = existing
+            .iter()
+            .map(|(name, s)| (name.clone(), s.config()))
+            .collect();
+        let mut declared_names = Vec::new();
+        for declared in streams {
+            let refused = |error| JetStreamError::Declared {
+                name: declared.name.clone(),
+                error,
+            };
+            if declared_names.contains(&declared.name) {
+                return Err(refused(ApiError::stream_config("declared twice")));
+            }
+            let config = stream::normalize(declared.clone()).map_err(refused)?;
+            let current = existing.get(&config.name);
+            if let Some(stream) = current {
+                stream.check_update(&config).map_err(refused)?;
+            }
+            for c in &declared.consumers {
+                match current {
+                    Some(stream) => stream.check_consumer(c.clone(), &config),
+                    None => consumer::normalize(c.clone(), &config, &HashMap::new()).map(|_| ()),
+                }
+                .map_err(refused)?;
+            }
+            declared_names.push(config.name.clone());
+            planned.insert(config.name.clone(), config);
+        }
+        for name in &declared_names {
+            let ours = &planned[name];
+            let overlap = planned.iter().find(|(other, theirs)| {
+                *other != name
+                    && ours.subjects.iter().any(|a| {
+                        theirs
+                            .subjects
+                            .iter()
+                            .any(|b| crate::subject::patterns_overlap(a.as_bytes(), b.as_bytes()))
+                    })
+            });
+            if let Some((other, _)) = overlap {
+                let error = ApiError::subjects_overlap();
+                return Err(JetStreamError::Declared {
+                    name: name.clone(),
+                    error: ApiError::new(
+                        error.code,
+                        error.err_code,
+                        format!("{} ({other})", error.description),
+                    ),
+                });
             }
         }
         Ok(())

@@ -349,17 +349,8 @@ impl Stream {
     /// Applies a changed config (STREAM.UPDATE or the config file).
     pub(crate) fn update(self: &Arc<Self>, new: StreamConfig) -> Result<(), ApiError> {
         let new = normalize(new)?;
+        self.check_update(&new)?;
         let old = self.config();
-        if new.storage != old.storage {
-            return Err(ApiError::stream_config(
-                "stream configuration update can not change storage type",
-            ));
-        }
-        if (new.retention == Retention::WorkQueue) != (old.retention == Retention::WorkQueue) {
-            return Err(ApiError::stream_config(
-                "stream configuration update can not change retention policy to/from workqueue",
-            ));
-        }
         if new == old {
             return Ok(());
         }
@@ -519,6 +510,39 @@ impl Stream {
         let mut names: Vec<String> = self.consumers.read().keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// What [`Stream::update`] refuses of `new` (normalized), checked
+    /// without changing anything.
+    pub(crate) fn check_update(&self, new: &StreamConfig) -> Result<(), ApiError> {
+        let old = self.config();
+        if new.storage != old.storage {
+            return Err(ApiError::stream_config(
+                "stream configuration update can not change storage type",
+            ));
+        }
+        if (new.retention == Retention::WorkQueue) != (old.retention == Retention::WorkQueue) {
+            return Err(ApiError::stream_config(
+                "stream configuration update can not change retention policy to/from workqueue",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a consumer declared for this stream, whose config is about
+    /// to be `stream`, as creating or updating it would, without changing
+    /// anything.
+    pub(crate) fn check_consumer(
+        &self,
+        config: ConsumerConfig,
+        stream: &StreamConfig,
+    ) -> Result<(), ApiError> {
+        let consumers = self.consumers.read();
+        let config = consumer::normalize(config, stream, &consumers)?;
+        match config.consumer_name().and_then(|n| consumers.get(n)) {
+            Some(existing) => existing.check_update(&config),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn create_consumer(

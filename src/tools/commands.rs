@@ -1,6 +1,6 @@
-//! The `skiff pub`, `sub`, `req` and `reply` commands: short loops over a
-//! [`Connection`] that print what they receive the way the `nats` CLI does.
-//! `main.rs` only parses flags and calls these.
+//! The `skiff pub`, `sub`, `req`, `reply` and `server check` commands: short
+//! loops over a [`Connection`] that print what they receive the way the
+//! `nats` CLI does. `main.rs` only parses flags and calls these.
 
 use std::io::Write;
 use std::time::Duration;
@@ -81,6 +81,36 @@ pub async fn request(
     Ok((reply, start.elapsed()))
 }
 
+/// What `skiff server check` learnt about a server that answered.
+#[derive(Clone, Debug)]
+pub struct Health {
+    pub server_name: String,
+    /// The protocol version INFO reports, and the implementation (`go`).
+    pub version: String,
+    pub implementation: String,
+    /// Connecting, INFO, CONNECT and a PING round trip.
+    pub elapsed: Duration,
+    /// INFO said `ldm`: the server is about to go away.
+    pub lame_duck: bool,
+}
+
+/// Connects, logs in and waits for the answer to a PING, all within
+/// `timeout`: the server is up and accepts this client.
+pub async fn check(endpoint: &Endpoint, timeout: Duration) -> Result<Health, Error> {
+    let start = std::time::Instant::now();
+    let conn = tokio::time::timeout(timeout, Connection::connect_to(endpoint))
+        .await
+        .map_err(|_| Error::Timeout)??;
+    let info = conn.info();
+    Ok(Health {
+        server_name: info.server_name.clone(),
+        version: info.version.clone(),
+        implementation: info.go.clone(),
+        elapsed: start.elapsed(),
+        lame_duck: info.ldm,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +143,18 @@ mod tests {
         let printed = serve.await.unwrap().unwrap();
         assert_eq!(printed, b"[#1] Received on \"time\": now?\n");
         server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn check_reports_a_live_server_and_a_closed_port() {
+        let server = crate::tools::test_server().await;
+        let url = Endpoint::plain(&server.client_url()).unwrap();
+        let health = check(&url, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(health.version, crate::server::PROTOCOL_VERSION);
+        assert!(!health.lame_duck);
+        let addr = server.addr();
+        server.shutdown().await;
+        let closed = Endpoint::plain(&format!("nats://{addr}")).unwrap();
+        assert!(check(&closed, Duration::from_secs(5)).await.is_err());
     }
 }

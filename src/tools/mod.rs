@@ -1,5 +1,6 @@
 //! Client-side tools: a small NATS client ([`conn`]), the `skiff pub`, `sub`,
-//! `req` and `reply` commands ([`commands`]) and `skiff bench` ([`bench`]).
+//! `req`, `reply` and `server check` commands ([`commands`]), `skiff bench`
+//! ([`bench`]) and signals to a running server ([`signal`]).
 //! They speak the client protocol through [`crate::protocol`], so they work
 //! against Skiff and any other NATS server alike.
 
@@ -8,6 +9,7 @@ pub mod certs;
 pub mod commands;
 pub mod conn;
 pub mod passwd;
+pub mod signal;
 
 pub use conn::{Connection, Credentials, Error, DEFAULT_URL};
 
