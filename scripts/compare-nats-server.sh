@@ -490,7 +490,9 @@ MONITOR_ROWS = [
     ("mon_pub16", "pub, 16 B", "publish msgs/s", "pub_msgs_per_sec", True),
     ("mon_pubsub16", "pubsub, 16 B", "delivered msgs/s", "sub_msgs_per_sec", True),
     ("mon_fanout4", "fanout to 4, 16 B", "delivered msgs/s", "sub_msgs_per_sec", True),
+    ("mon_pub16", "pub, 16 B", "server CPU ns per published msg", per_msg_ns, False),
     ("mon_pubsub16", "pubsub, 16 B", "server CPU ns per published msg", per_msg_ns, False),
+    ("mon_fanout4", "fanout to 4, 16 B", "server CPU ns per published msg", per_msg_ns, False),
 ]
 if any(server == "skiffmon" for _, server in results):
     print("| Scenario | Metric | monitoring on | monitoring off | on / off |")
