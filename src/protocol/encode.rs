@@ -12,6 +12,7 @@ pub const OK: &[u8] = b"+OK\r\n";
 pub const PING: &[u8] = b"PING\r\n";
 pub const PONG: &[u8] = b"PONG\r\n";
 
+#[inline]
 pub(crate) fn put_num(buf: &mut BytesMut, n: usize) {
     buf.put_slice(itoa::Buffer::new().format(n).as_bytes());
 }
@@ -78,6 +79,7 @@ pub fn encode_pub_header(
     sizes_tail(buf, reply, header_len, total_len);
 }
 
+#[inline]
 pub(crate) fn sizes_tail(
     buf: &mut BytesMut,
     reply: Option<&[u8]>,
