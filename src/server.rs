@@ -326,6 +326,13 @@ pub(crate) struct ServerState {
 }
 
 impl ServerState {
+    /// A plain server's state on `addr`, for unit tests that need one
+    /// without a listener.
+    #[cfg(test)]
+    pub(crate) fn for_tests(config: Config, addr: SocketAddr) -> ServerState {
+        ServerState::new(config, addr, None)
+    }
+
     fn new(config: Config, addr: SocketAddr, tls: Option<ServerTls>) -> ServerState {
         let server_id = new_server_id();
         let info = ServerInfo {
