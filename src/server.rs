@@ -764,9 +764,17 @@ async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
                     continue;
                 }
                 let client = client::register(&state, &live, peer);
-                state
-                    .tasks
-                    .spawn(client::serve(Arc::clone(&state), live, client, stream));
+                let server = Arc::clone(&state);
+                // Two task types, so that each connection's task is sized by
+                // its own path: a plain one does not carry TLS state.
+                match state.tls.as_ref().map(|t| t.current()) {
+                    None => state
+                        .tasks
+                        .spawn(client::serve(server, live, client, stream)),
+                    Some(tls) => state
+                        .tasks
+                        .spawn(client::serve_tls(server, live, client, stream, tls)),
+                };
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning.
