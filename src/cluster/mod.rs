@@ -165,19 +165,17 @@ impl Cluster {
         };
         *count -= 1;
         let left = *count;
-        if left == 0 {
-            interest.remove(&key);
-        }
         let mut line = BytesMut::new();
-        match &sub.queue {
-            Some(queue) if left > 0 => {
-                encode_interest(&mut line, &sub.subject, Some((queue, left)))
+        match (&sub.queue, left) {
+            (queue, 0) => {
+                interest.remove(&key);
+                encode_no_interest(&mut line, &sub.subject, queue.as_deref());
             }
-            queue => encode_no_interest(&mut line, &sub.subject, queue.as_deref()),
+            (Some(queue), left) => encode_interest(&mut line, &sub.subject, Some((queue, left))),
+            // Other local subscriptions to the subject remain: no news.
+            (None, _) => return,
         }
-        if left == 0 || sub.queue.is_some() {
-            self.broadcast(&line);
-        }
+        self.broadcast(&line);
     }
 
     /// Sends `bytes` to every route. Interest changes call it with
@@ -276,7 +274,6 @@ impl Cluster {
         for addr in unknown {
             self.dial(server, addr, None, false);
         }
-        server.announce_connect_urls();
     }
 
     /// Client URLs of every node (this one's first), for INFO

@@ -82,10 +82,7 @@ impl Route {
 
     /// Queues protocol bytes and wakes the writer at once.
     pub(crate) fn send(&self, bytes: &[u8]) {
-        let mut wakes = WakeList::default();
-        let pushed = self.link.outbound.push_bytes(bytes);
-        self.link.queued(pushed, &mut wakes);
-        wakes.wake_all();
+        self.link.outbound_bytes(bytes);
     }
 
     /// Closes this route because another one to the same peer is kept.
@@ -211,6 +208,8 @@ where
         return hs.abandon(Outcome::Duplicate(existing), write_task).await;
     }
     tracing::info!("{route} - Route connection created");
+    // This node's set of peers changed: its clients' connect_urls too.
+    hs.server.announce_connect_urls();
     hs.cluster.learn(&hs.server, &peer);
     let Handshake {
         server,
@@ -482,12 +481,9 @@ impl Connection {
             Bytes::new(),
             Subscriber::Route(Arc::clone(&self.route)),
         ));
-        if self
-            .server
-            .sublist
-            .insert(&sub.subject, sub.queue.as_deref(), Arc::clone(&sub))
-            .is_err()
-        {
+        // A peer's interest is not local: the server does not tell the
+        // other peers about it (`Subscription::propagates`).
+        if self.server.add_subscription(&sub).is_err() {
             drop(subs);
             return Err(self.protocol_error(&ProtocolError::InvalidArguments("RS+")));
         }
@@ -498,9 +494,7 @@ impl Connection {
     fn remove_interest(&mut self, subject: Bytes, queue: Option<Bytes>) {
         let removed = self.route.subs.lock().remove(&(subject, queue));
         if let Some(sub) = removed {
-            self.server
-                .sublist
-                .remove(&sub.subject, sub.queue.as_deref(), &sub);
+            self.server.unlist_subscription(&sub);
         }
     }
 
@@ -518,9 +512,7 @@ impl Connection {
     async fn cleanup(mut self, reason: CloseReason, write_task: tokio::task::JoinHandle<()>) {
         let subs: Vec<_> = self.route.subs.lock().drain().map(|(_, s)| s).collect();
         for sub in &subs {
-            self.server
-                .sublist
-                .remove(&sub.subject, sub.queue.as_deref(), sub);
+            self.server.unlist_subscription(sub);
         }
         self.route.link.add_received(&mut self.received);
         self.cluster.deregister(&self.server, &self.route);
