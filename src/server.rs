@@ -183,10 +183,22 @@ impl ServerHandle {
     /// test waits for before publishing on this node for a subscriber on
     /// another).
     pub fn has_route_interest(&self, subject: &str) -> bool {
+        self.peers_interested(subject) > 0
+    }
+
+    /// How many peer nodes have announced interest in `subject`.
+    pub fn peers_interested(&self, subject: &str) -> usize {
         let matches = self.state.sublist.matches(subject.as_bytes());
-        let routed = |s: &Arc<Subscription>| s.route().is_some();
-        matches.plain.iter().any(routed)
-            || matches.queues.iter().any(|g| g.members.iter().any(routed))
+        let members = matches.queues.iter().flat_map(|g| g.members.iter());
+        let mut peers: Vec<&Arc<Route>> = matches
+            .plain
+            .iter()
+            .chain(members)
+            .filter_map(|s| s.route())
+            .collect();
+        peers.sort_by_key(|r| Arc::as_ptr(r));
+        peers.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        peers.len()
     }
 
     /// Messages and bytes this server has received and sent since start,

@@ -56,9 +56,16 @@ async fn three_nodes() -> (ServerHandle, ServerHandle, ServerHandle) {
 
 /// Waits until `node` has heard (RS+) that a peer wants `subject`.
 async fn wait_for_interest(node: &ServerHandle, subject: &str) {
-    eventually(&format!("route interest in {subject}"), WAIT, || async {
-        node.has_route_interest(subject).then_some(())
-    })
+    wait_for_peers_interested(node, subject, 1).await;
+}
+
+/// Waits until `peers` peer nodes have told `node` they want `subject`.
+async fn wait_for_peers_interested(node: &ServerHandle, subject: &str, peers: usize) {
+    eventually(
+        &format!("{peers} peers' interest in {subject}"),
+        WAIT,
+        || async { (node.peers_interested(subject) >= peers).then_some(()) },
+    )
     .await;
 }
 
@@ -103,7 +110,8 @@ async fn messages_and_wildcards_cross_nodes_in_order() {
     let mut full = sc.subscribe("orders.>").await.unwrap();
     round_trip(&sb).await;
     round_trip(&sc).await;
-    wait_for_interest(&a, "orders.new").await;
+    // B's and C's subscriptions both, and C's `>` (sent after its `*`).
+    wait_for_peers_interested(&a, "orders.new", 2).await;
     wait_for_interest(&a, "orders.x.y").await;
 
     for i in 0..200 {
@@ -143,8 +151,9 @@ async fn every_node_gets_every_message_once() {
         subs.push(client.subscribe("fan").await.unwrap());
         round_trip(client).await;
     }
+    // Each node must know both other nodes' subscribers before publishing.
     for n in [&a, &b, &c] {
-        wait_for_interest(n, "fan").await;
+        wait_for_peers_interested(n, "fan", 2).await;
     }
     for i in 0..1000 {
         clients[i % 3]
@@ -190,7 +199,7 @@ async fn a_queue_group_across_nodes_gets_each_message_exactly_once() {
     // Publish from a node and a client with no member of their own.
     let d = node("D", &seed(&a)).await;
     wait_for_mesh(&[&a, &b, &c, &d]).await;
-    wait_for_interest(&d, "work").await;
+    wait_for_peers_interested(&d, "work", 3).await;
     let publisher = nats(&d).await;
     for i in 0..3000 {
         publisher
