@@ -844,7 +844,12 @@ fn batched_appends_match_single_appends(kind: Kind) {
                     .append(subj.as_bytes(), 0, b"data", 1)
                     .map_err(|e| e.to_string());
                 let many = writer
-                    .append(subj.as_bytes(), 0, b"data", 1)
+                    .append(
+                        Bytes::from(subj.to_string()),
+                        0,
+                        Bytes::from_static(b"data"),
+                        1,
+                    )
                     .map_err(|e| e.to_string());
                 assert_eq!(one, many, "case {case}, message {i} of {batch:?}");
                 assert_eq!(writer.last_seq(), single.state().last_seq, "case {case}");
@@ -860,8 +865,16 @@ fn writer_sees_its_own_appends(kind: Kind) {
     let s = kind(none());
     put(&*s, "a", 1);
     let mut w = s.writer().unwrap();
-    assert_eq!(w.append(b"b", 0, b"x", 2).unwrap(), 2);
-    assert_eq!(w.append(b"a", 0, b"x", 2).unwrap(), 3);
+    assert_eq!(
+        w.append(Bytes::from_static(b"b"), 0, Bytes::from_static(b"x"), 2)
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        w.append(Bytes::from_static(b"a"), 0, Bytes::from_static(b"x"), 2)
+            .unwrap(),
+        3
+    );
     assert_eq!(w.last_seq(), 3);
     assert_eq!(w.last_seq_for_subject(b"a"), 3);
     assert_eq!(w.last_seq_for_subject(b"b"), 2);
@@ -871,7 +884,11 @@ fn writer_sees_its_own_appends(kind: Kind) {
     assert_eq!(s.state().last_seq, 1);
     assert_eq!(s.get(2).unwrap(), None);
     let mut w = s.writer().unwrap();
-    assert_eq!(w.append(b"b", 0, b"x", 3).unwrap(), 2);
+    assert_eq!(
+        w.append(Bytes::from_static(b"b"), 0, Bytes::from_static(b"x"), 3)
+            .unwrap(),
+        2
+    );
     w.commit().unwrap();
     assert_eq!(s.state().messages, 2);
     assert_eq!(s.last_for_subject(b"b").unwrap().map(|m| m.seq), Some(2));

@@ -101,6 +101,11 @@ impl Message {
         &self.buf[self.subject.clone()]
     }
 
+    /// The subject as shared `Bytes` (no copy).
+    pub fn subject_bytes(&self) -> Bytes {
+        self.buf.slice(self.subject.clone())
+    }
+
     pub fn reply(&self) -> Option<&[u8]> {
         self.reply.clone().map(|r| &self.buf[r])
     }

@@ -303,19 +303,19 @@ impl<B: Backend> Drop for StreamEngine<B> {
     }
 }
 
-/// The message to store under `seq`, owning copies of its parts.
+/// The message to store under `seq`.
 fn owned_message(
     seq: u64,
-    subject: &[u8],
+    subject: Bytes,
     header_len: usize,
-    payload: &[u8],
+    payload: Bytes,
     timestamp: i64,
 ) -> StoredMessage {
     StoredMessage {
         seq,
-        subject: Bytes::copy_from_slice(subject),
+        subject,
         header_len,
-        payload: Bytes::copy_from_slice(payload),
+        payload,
         timestamp,
     }
 }
@@ -595,17 +595,17 @@ impl<B: Backend> Inner<B> {
     /// Stores one message now, removing what its limits push out.
     fn append(
         &mut self,
-        subject: &[u8],
+        subject: Bytes,
         header_len: usize,
-        payload: &[u8],
+        payload: Bytes,
         timestamp: i64,
     ) -> Result<u64> {
-        let admission = self.admit(subject, payload.len(), self.counts(subject))?;
+        let admission = self.admit(&subject, payload.len(), self.counts(&subject))?;
         let msg = owned_message(self.last_seq + 1, subject, header_len, payload, timestamp);
         let mut removed = Vec::new();
         if admission == Admission::AfterRemovals {
             if let Some(max) = limit(self.limits.max_msgs_per_subject) {
-                let excess = (self.counts(subject).subject_msgs + 1).saturating_sub(max);
+                let excess = (self.counts(&msg.subject).subject_msgs + 1).saturating_sub(max);
                 self.collect_subject_oldest(&msg.subject, excess, &mut removed)?;
             }
             if !self.limits.discard_new {
@@ -1133,7 +1133,7 @@ impl<B: Backend> Writer<'_, B> {
         counts
     }
 
-    fn stage(&mut self, subject: &[u8], header_len: usize, payload: &[u8], ts: i64) -> u64 {
+    fn stage(&mut self, subject: Bytes, header_len: usize, payload: Bytes, ts: i64) -> u64 {
         let msg = owned_message(self.last_seq() + 1, subject, header_len, payload, ts);
         let seq = msg.seq;
         self.staged_bytes += msg.size();
@@ -1160,9 +1160,9 @@ impl<B: Backend> Writer<'_, B> {
 impl<B: Backend> StoreWriter for Writer<'_, B> {
     fn append(
         &mut self,
-        subject: &[u8],
+        subject: Bytes,
         header_len: usize,
-        payload: &[u8],
+        payload: Bytes,
         timestamp: i64,
     ) -> Result<u64> {
         if let Some(why) = &self.failed {
@@ -1172,13 +1172,13 @@ impl<B: Backend> StoreWriter for Writer<'_, B> {
             ));
         }
         self.inner.check()?;
-        validate_append(subject, header_len, payload)?;
-        if !self.staged_subjects.is_empty() && self.staged_subjects.contains(subject) {
+        validate_append(&subject, header_len, &payload)?;
+        if !self.staged_subjects.is_empty() && self.staged_subjects.contains(&subject) {
             self.flush()?;
         }
         match self
             .inner
-            .admit(subject, payload.len(), self.counts(subject))?
+            .admit(&subject, payload.len(), self.counts(&subject))?
         {
             Admission::Now => Ok(self.stage(subject, header_len, payload, timestamp)),
             Admission::AfterRemovals => {

@@ -41,8 +41,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Slice};
 use parking_lot::{Condvar, Mutex};
+use smallvec::SmallVec;
 
 use super::engine::{
     Backend, Batch, Durability, IndexEntry, Iter, PersistedState, Recovered, StreamEngine,
@@ -113,16 +114,18 @@ fn decode_seq(key: &[u8]) -> Result<u64> {
     }
 }
 
-fn encode_message(m: &StoredMessage) -> Vec<u8> {
-    let mut v = Vec::with_capacity(MESSAGE_HEADER + m.subject.len() + m.payload.len());
-    v.push(MESSAGE_VERSION);
-    v.extend_from_slice(&m.timestamp.to_be_bytes());
+/// A message's stored value, written straight into the buffer fjall keeps
+/// (one allocation and one copy of the body per message).
+fn encode_message(m: &StoredMessage) -> io::Result<Slice> {
+    let mut head = [0u8; MESSAGE_HEADER];
+    head[0] = MESSAGE_VERSION;
+    head[1..9].copy_from_slice(&m.timestamp.to_be_bytes());
     // Both fit: the engine refuses longer subjects and payloads.
-    v.extend_from_slice(&(m.header_len as u32).to_be_bytes());
-    v.extend_from_slice(&(m.subject.len() as u16).to_be_bytes());
-    v.extend_from_slice(&m.subject);
-    v.extend_from_slice(&m.payload);
-    v
+    head[9..13].copy_from_slice(&(m.header_len as u32).to_be_bytes());
+    head[13..15].copy_from_slice(&(m.subject.len() as u16).to_be_bytes());
+    let len = MESSAGE_HEADER + m.subject.len() + m.payload.len();
+    let mut parts = io::Read::chain(io::Read::chain(&head[..], &m.subject[..]), &m.payload[..]);
+    Slice::from_reader(&mut parts, len)
 }
 
 fn decode_message(seq: u64, v: &[u8]) -> Result<StoredMessage> {
@@ -150,8 +153,9 @@ fn decode_message(seq: u64, v: &[u8]) -> Result<StoredMessage> {
     })
 }
 
-fn index_key(subject: &[u8], seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(subject.len() + 9);
+/// On the stack for the usual subject lengths: fjall copies keys anyway.
+fn index_key(subject: &[u8], seq: u64) -> SmallVec<[u8; 64]> {
+    let mut k = SmallVec::with_capacity(subject.len() + 9);
     k.extend_from_slice(subject);
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
@@ -259,6 +263,18 @@ fn decode_summary(v: &[u8], commits: u64) -> Option<Vec<(Bytes, SubjectState)>> 
 /// writes included); the leader reads the committed generation just before
 /// its fsync, and everything up to it is then in the journal.
 ///
+/// The fsync is of fjall's active journal file through a handle of our own,
+/// not `Database::persist`, which holds the journal's lock through its
+/// fsync and so stalls every commit (of every stream) for as long: here
+/// the next batches are written while the previous ones are fsynced. That
+/// is sound because fjall fsyncs a journal before it rotates to the next
+/// one: every batch committed before the leader lists the journals is in
+/// the newest journal it finds or in an older one, already fsynced. Before
+/// the fsync, `persist(Buffer)` moves fjall's write buffer into the file.
+/// A failed fsync is final (the kernel may have dropped the pages it could
+/// not write, so a later fsync could succeed without them): every later
+/// `sync` fails too, until the database is reopened.
+///
 /// Lost-write detection: fjall treats an undecodable journal batch as a torn
 /// tail and silently drops it and everything after it, which after media
 /// damage would lose writes that `sync` had confirmed. So after each fsync
@@ -276,14 +292,22 @@ pub struct SyncGroup {
     done: Condvar,
     fsyncs: AtomicU64,
     marker: Mutex<std::fs::File>,
+    dir: PathBuf,
+    /// The newest journal's id and a handle on it; used by the leader only.
+    journal: Mutex<Option<(u64, std::fs::File)>>,
 }
 
 struct SyncState {
     synced: u64,
     leader: bool,
+    /// Set by a failed fsync, for good.
+    failed: bool,
 }
 
 const GEN_KEY: &[u8] = b"gen";
+/// Attempts to find and open the newest journal before falling back to
+/// fjall's own (lock-holding) fsync.
+const JOURNAL_TRIES: usize = 4;
 const MARKER_FILE: &str = "skiff.synced";
 
 impl SyncGroup {
@@ -324,10 +348,13 @@ impl SyncGroup {
             state: Mutex::new(SyncState {
                 synced: recovered,
                 leader: false,
+                failed: false,
             }),
             done: Condvar::new(),
             fsyncs: AtomicU64::new(0),
             marker: Mutex::new(marker),
+            dir: dir.to_path_buf(),
+            journal: Mutex::new(None),
         })
     }
 
@@ -342,6 +369,39 @@ impl SyncGroup {
         Ok(())
     }
 
+    /// Fsyncs the newest journal (see the type's doc for why that covers
+    /// every committed batch). The directory is listed only when the
+    /// journal in hand has a successor. A journal that vanishes between
+    /// listing and opening was rotated, hence fsynced, meanwhile: list
+    /// again; should that keep happening, fsync under fjall's lock.
+    fn fsync_journal(&self) -> Result<()> {
+        let io = |context: &str| {
+            let context = format!("{context} in {}", self.dir.display());
+            move |source| StoreError::Io { context, source }
+        };
+        let mut journal = self.journal.lock();
+        for _ in 0..JOURNAL_TRIES {
+            let newest = match journal.as_ref() {
+                Some((id, _)) if !self.dir.join(format!("{}.jnl", id + 1)).exists() => *id,
+                _ => newest_journal(&self.dir).map_err(io("list journals"))?,
+            };
+            if journal.as_ref().map(|(id, _)| *id) != Some(newest) {
+                let path = self.dir.join(format!("{newest}.jnl"));
+                match std::fs::File::open(&path) {
+                    Ok(file) => *journal = Some((newest, file)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io("open journal")(e)),
+                }
+            }
+            if let Some((_, file)) = journal.as_ref() {
+                return file.sync_all().map_err(io("fsync journal"));
+            }
+        }
+        self.db
+            .persist(PersistMode::SyncAll)
+            .map_err(fjall_error("fsync"))
+    }
+
     fn write_marker(&self, synced: u64) -> Result<()> {
         use std::io::{Seek, Write};
         let file = self.marker.lock();
@@ -353,6 +413,20 @@ impl SyncGroup {
                 source,
             })
     }
+}
+
+/// The highest id among fjall's journals (`<id>.jnl`) in `dir`.
+fn newest_journal(dir: &Path) -> io::Result<u64> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jnl"))
+            .and_then(|id| id.parse::<u64>().ok());
+        newest = newest.max(id);
+    }
+    newest.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no journal file"))
 }
 
 /// The generation, then its complement, so that a damaged marker is seen.
@@ -375,6 +449,12 @@ impl Durability for SyncGroup {
         let target = self.committed.load(Ordering::SeqCst);
         let mut state = self.state.lock();
         loop {
+            if state.failed {
+                return Err(StoreError::Io {
+                    context: format!("fsync in {}", self.dir.display()),
+                    source: io::Error::other("an earlier fsync failed; restart the server"),
+                });
+            }
             if state.synced >= target {
                 return Ok(());
             }
@@ -388,17 +468,18 @@ impl Durability for SyncGroup {
         let upto = self.committed.load(Ordering::SeqCst);
         let result = self
             .db
-            .persist(PersistMode::SyncAll)
-            .map_err(fjall_error("fsync"))
+            .persist(PersistMode::Buffer)
+            .map_err(fjall_error("flush journal"))
+            .and_then(|()| self.fsync_journal())
             .and_then(|()| self.write_marker(upto));
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         let mut state = self.state.lock();
         state.leader = false;
-        if result.is_ok() {
-            state.synced = state.synced.max(upto);
+        match &result {
+            Ok(()) => state.synced = state.synced.max(upto),
+            Err(_) => state.failed = true,
         }
         drop(state);
-        // On failure a waiter becomes leader and meets the error itself.
         self.done.notify_all();
         result
     }
@@ -428,7 +509,7 @@ fn keyspace_names(id: u64) -> [String; 3] {
 fn keyspace_options(name: &str) -> KeyspaceCreateOptions {
     const MIB: u64 = 1024 * 1024;
     let memtable = match name.as_bytes().first() {
-        Some(b'm') => 32 * MIB,
+        Some(b'm') => 512 * MIB,
         Some(b'i') => 16 * MIB,
         _ => 4 * MIB,
     };
@@ -437,7 +518,7 @@ fn keyspace_options(name: &str) -> KeyspaceCreateOptions {
 
 /// Most journal kept before memtables are flushed: bounds both the memory
 /// of unflushed writes and the replay on open.
-const MAX_JOURNAL: u64 = 128 * 1024 * 1024;
+const MAX_JOURNAL: u64 = 1024 * 1024 * 1024;
 
 /// The id of a keyspace named by [`keyspace_names`].
 fn keyspace_id(name: &str) -> Option<u64> {
@@ -908,13 +989,17 @@ impl Backend for FileBackend {
         let mut b = self.shared.db.batch();
         for r in batch.removed {
             b.remove(&self.messages, r.seq.to_be_bytes());
-            b.remove(&self.index, index_key(&r.subject, r.seq));
+            b.remove(&self.index, &index_key(&r.subject, r.seq)[..]);
         }
         for m in batch.puts {
-            b.insert(&self.messages, m.seq.to_be_bytes(), encode_message(m));
+            let value = encode_message(m).map_err(|source| StoreError::Io {
+                context: self.context("encode message"),
+                source,
+            })?;
+            b.insert(&self.messages, m.seq.to_be_bytes(), value);
             b.insert(
                 &self.index,
-                index_key(&m.subject, m.seq),
+                &index_key(&m.subject, m.seq)[..],
                 m.size().to_be_bytes(),
             );
         }
@@ -983,5 +1068,67 @@ impl Backend for FileBackend {
         if let Err(e) = result {
             tracing::warn!(stream = %self.name, error = %e, "could not save the subject summary");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fsync outside fjall's lock is only sound if it follows fjall
+    /// from journal to journal: after a rotation, fsyncing the old file
+    /// would confirm writes that sit unsynced in the new one.
+    #[test]
+    fn sync_follows_the_journal_through_rotations() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|source| StoreError::Io {
+            context: "temp dir".into(),
+            source,
+        })?;
+        let storage = FileStorage::open(dir.path())?;
+        let store = storage.open_stream("S", StoreLimits::default())?;
+        // Incompressible: fjall compresses journal entries.
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let body: Bytes = (0..256 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let synced_journal = || storage.shared.sync.journal.lock().as_ref().map(|j| j.0);
+        store.append(b"a", 0, &body, 1)?;
+        store.sync()?;
+        let first = synced_journal();
+        assert_eq!(
+            first,
+            Some(newest_journal(dir.path()).map_err(|e| StoreError::Io {
+                context: "list".into(),
+                source: e,
+            })?)
+        );
+        // fjall rotates its journal at a flush once it holds 64 MB: write
+        // past that, then have the message keyspace flushed.
+        for i in 0..280 {
+            let mut writer = store.writer()?;
+            writer.append(Bytes::from_static(b"a"), 0, body.clone(), i)?;
+            writer.commit()?;
+        }
+        let id = storage.shared.stream_id("S")?.ok_or(StoreError::Closed)?;
+        let [messages, ..] = keyspace_names(id);
+        storage
+            .shared
+            .keyspace(&messages)?
+            .rotate_memtable_and_wait()
+            .map_err(fjall_error("flush"))?;
+        store.append(b"a", 0, &body, 2)?;
+        store.sync()?;
+        let newest = newest_journal(dir.path()).map_err(|source| StoreError::Io {
+            context: "list".into(),
+            source,
+        })?;
+        assert!(Some(newest) > first, "the journal did not rotate");
+        assert_eq!(synced_journal(), Some(newest));
+        Ok(())
     }
 }

@@ -190,6 +190,10 @@ pub trait StreamStore: Send + Sync {
         timestamp: i64,
     ) -> Result<u64> {
         let mut writer = self.writer()?;
+        let (subject, payload) = (
+            Bytes::copy_from_slice(subject),
+            Bytes::copy_from_slice(payload),
+        );
         let seq = writer.append(subject, header_len, payload, timestamp)?;
         writer.commit()?;
         Ok(seq)
@@ -297,12 +301,13 @@ pub trait StreamStore: Send + Sync {
 pub trait StoreWriter {
     /// Like [`StreamStore::append`]: checks the limits and returns the
     /// sequence the message gets, but the message may only be stored by
-    /// [`StoreWriter::commit`].
+    /// [`StoreWriter::commit`]. The parts are taken as shared `Bytes`, so
+    /// that staging a message copies nothing.
     fn append(
         &mut self,
-        subject: &[u8],
+        subject: Bytes,
         header_len: usize,
-        payload: &[u8],
+        payload: Bytes,
         timestamp: i64,
     ) -> Result<u64>;
 

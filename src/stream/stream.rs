@@ -648,40 +648,43 @@ impl Stream {
         }
     }
 
-    /// Makes a written batch durable (with `sync = "always"`), wakes the
-    /// consumers and answers each publish. Runs on the blocking pool, while
-    /// the ingest task already writes the next batch.
-    fn finish_batch(&self, written: Written) {
-        let Written {
-            batch,
-            mut results,
-            received,
-        } = written;
-        let stored_any = results.iter().any(|r| matches!(r, Ok(a) if !a.duplicate));
-        let js = self.js();
-        if stored_any && js.as_ref().is_some_and(|js| js.sync_always()) {
-            let started = std::time::Instant::now();
-            let synced = self.store.sync();
-            // A memory stream's sync is a no-op: not an fsync to time.
-            if let Some(js) = js.as_ref().filter(|_| self.is_file()) {
-                js.latency.fsync.observe(started.elapsed());
-            }
-            if let Err(e) = synced {
-                tracing::error!(
-                    "stream {}: fsync failed, publishes are not acknowledged: {e}",
-                    self.name
-                );
-                for r in &mut results {
-                    *r = Err(ApiError::store_failed(&e));
-                }
+    /// Makes written batches durable (with `sync = "always"`): one fsync
+    /// covers them all. On failure their publishes are answered with the
+    /// error instead. Runs on the blocking pool.
+    fn sync_written(&self, group: &mut [Written]) {
+        let stored_any = group.iter().any(Written::stored_any);
+        let Some(js) = self.js().filter(|js| stored_any && js.sync_always()) else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let synced = self.store.sync();
+        // A memory stream's sync is a no-op: not an fsync to time.
+        if self.is_file() {
+            js.latency.fsync.observe(started.elapsed());
+        }
+        if let Err(e) = synced {
+            tracing::error!(
+                "stream {}: fsync failed, publishes are not acknowledged: {e}",
+                self.name
+            );
+            for r in group.iter_mut().flat_map(|w| w.results.iter_mut()) {
+                *r = Err(ApiError::store_failed(&e));
             }
         }
-        if stored_any {
+    }
+
+    /// Wakes the consumers for durable batches and answers each publish, in
+    /// order. Runs on the blocking pool, while the next batches are fsynced.
+    fn answer_written(&self, group: &[Written]) {
+        if group.iter().any(Written::stored_any) {
             self.notify_consumers();
         }
-        let acked = self.answer(&batch, &results);
-        if let Some(js) = js.filter(|_| acked && stored_any) {
-            js.latency.publish_ack.observe(received.elapsed());
+        let js = self.js();
+        for written in group {
+            let acked = self.answer(&written.batch, &written.results);
+            if let Some(js) = js.as_ref().filter(|_| acked && written.stored_any()) {
+                js.latency.publish_ack.observe(written.received.elapsed());
+            }
         }
     }
 
@@ -850,7 +853,12 @@ impl Stream {
             }
         }
         let seq = writer
-            .append(m.subject(), m.header_len().unwrap_or(0), m.payload(), now)
+            .append(
+                m.subject_bytes(),
+                m.header_len().unwrap_or(0),
+                m.payload_bytes(),
+                now,
+            )
             .map_err(store_error)?;
         if let Some(id) = msg_id {
             dedup.record(id, seq, now);
@@ -935,10 +943,18 @@ struct Written {
     received: std::time::Instant,
 }
 
-/// Written batches waiting for their fsync and PubAcks: while one is being
-/// fsynced the next is written, so a publisher's window of unacknowledged
-/// messages is not idle for a whole write-then-fsync round.
-const WRITTEN_MAX: usize = 2;
+impl Written {
+    /// Whether the batch stored anything new (not only duplicates/refusals).
+    fn stored_any(&self) -> bool {
+        self.results
+            .iter()
+            .any(|r| matches!(r, Ok(a) if !a.duplicate))
+    }
+}
+
+/// Written batches waiting for their fsync and PubAcks. The ingest task
+/// keeps writing while earlier batches are fsynced, up to this many ahead.
+const WRITTEN_MAX: usize = 64;
 
 /// Takes what has queued up (at most [`BATCH_MAX`]) as one batch, writes
 /// it, and passes it on to [`answer_loop`].
@@ -996,18 +1012,48 @@ async fn ingest_loop(
     }
 }
 
-/// Finishes written batches in order (see [`Stream::finish_batch`]); ends
-/// when the ingest task has gone and every batch it wrote is answered.
+/// Makes written batches durable and answers them, in order, as a
+/// three-stage pipeline with [`ingest_loop`]: while one group of batches is
+/// fsynced (one fsync for all the batches written meanwhile), the group
+/// before it is answered and the ingest task writes the next. Ends when the
+/// ingest task has gone and every batch it wrote is answered.
 async fn answer_loop(stream: Weak<Stream>, mut rx: mpsc::Receiver<Written>) {
-    while let Some(written) = rx.recv().await {
+    let mut synced: Option<Vec<Written>> = None;
+    loop {
+        // Wait for new batches only when nothing synced waits for answers.
+        let mut group = Vec::new();
+        if synced.is_none() {
+            match rx.recv().await {
+                Some(written) => group.push(written),
+                None => return,
+            }
+        }
+        while let Ok(written) = rx.try_recv() {
+            group.push(written);
+        }
         let Some(s) = stream.upgrade() else {
             return;
         };
-        if tokio::task::spawn_blocking(move || s.finish_batch(written))
-            .await
-            .is_err()
-        {
-            tracing::error!("stream PubAck batch panicked");
+        let answering = synced.take().map(|done| {
+            let s = s.clone();
+            tokio::task::spawn_blocking(move || s.answer_written(&done))
+        });
+        let syncing = (!group.is_empty()).then(|| {
+            tokio::task::spawn_blocking(move || {
+                s.sync_written(&mut group);
+                group
+            })
+        });
+        if let Some(answering) = answering {
+            if let Err(e) = answering.await {
+                tracing::error!("stream PubAck batch panicked: {e}");
+            }
+        }
+        if let Some(syncing) = syncing {
+            match syncing.await {
+                Ok(group) => synced = Some(group),
+                Err(e) => tracing::error!("stream fsync panicked: {e}"),
+            }
         }
     }
 }
