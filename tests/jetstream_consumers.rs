@@ -216,6 +216,71 @@ async fn consumer_create_subject_forms_and_durable_create() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_create_checks_the_durable_name_as_nats_server_does() {
+    within("the test", async {
+        let s = JsServer::start().await;
+        create_stream(&s, "DC", &["dc.>"]).await;
+        let create = |subject: &str, config: Value| {
+            let subject = format!("CONSUMER.DURABLE.CREATE.{subject}");
+            let s = &s;
+            async move {
+                s.api(&subject, json!({"stream_name": "DC", "config": config}))
+                    .await
+            }
+        };
+
+        // No durable_name in the body: JSConsumerDurableNameNotSetErr,
+        // even when `name` matches the subject (the durable name is what
+        // this legacy API is about).
+        for config in [
+            json!({"ack_policy": "explicit"}),
+            json!({"durable_name": ""}),
+            json!({"name": "d1"}),
+        ] {
+            let raw = create("DC.d1", config).await;
+            assert_api_error(&raw, 400, 10018);
+            assert_eq!(
+                raw["error"]["description"],
+                "consumer expected to be durable but a durable name was not set",
+                "{raw}"
+            );
+        }
+        // A different one: JSConsumerDurableNameNotMatchSubjectErr.
+        let raw = create("DC.d1", json!({"durable_name": "d2"})).await;
+        assert_api_error(&raw, 400, 10017);
+        assert_eq!(
+            raw["error"]["description"],
+            "consumer name in subject does not match durable name in request",
+            "{raw}"
+        );
+        // No single durable token after the stream:
+        // JSConsumerDurableNameNotInSubjectErr.
+        for subject in ["DC", "DC.d1.x"] {
+            let raw = create(subject, json!({"durable_name": "d1"})).await;
+            assert_api_error(&raw, 400, 10016);
+        }
+        // nats-server checks the request before looking the stream up.
+        let raw = s
+            .api(
+                "CONSUMER.DURABLE.CREATE.NOPE.d1",
+                json!({"stream_name": "NOPE", "config": {}}),
+            )
+            .await;
+        assert_api_error(&raw, 400, 10018);
+
+        let raw = s.api("CONSUMER.NAMES.DC", Value::Null).await;
+        assert_eq!(raw["consumers"], json!([]), "nothing was created: {raw}");
+
+        // The durable name in the body and in the subject: created.
+        let raw = create("DC.d1", json!({"durable_name": "d1"})).await;
+        assert!(raw.get("error").is_none(), "{raw}");
+        assert_eq!(raw["name"], "d1", "{raw}");
+        s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_info_delete_names_and_list() {
     within("the test", async {
         let s = JsServer::start().await;

@@ -394,6 +394,32 @@ impl ApiError {
         ApiError::new(400, 10056, "stream name in subject does not match request")
     }
 
+    /// CONSUMER.DURABLE.CREATE without exactly one token after the stream.
+    pub fn durable_name_not_in_subject() -> ApiError {
+        ApiError::new(
+            400,
+            10016,
+            "consumer expected to be durable but no durable name set in subject",
+        )
+    }
+
+    pub fn durable_name_mismatch() -> ApiError {
+        ApiError::new(
+            400,
+            10017,
+            "consumer name in subject does not match durable name in request",
+        )
+    }
+
+    /// CONSUMER.DURABLE.CREATE without `durable_name` in the body.
+    pub fn durable_name_not_set() -> ApiError {
+        ApiError::new(
+            400,
+            10018,
+            "consumer expected to be durable but a durable name was not set",
+        )
+    }
+
     pub fn stream_in_use() -> ApiError {
         ApiError::new(
             400,
