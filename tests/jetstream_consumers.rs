@@ -281,6 +281,50 @@ async fn durable_create_checks_the_durable_name_as_nats_server_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_names_with_path_separators_are_refused() {
+    within("the test", async {
+        let s = JsServer::start().await;
+        create_stream(&s, "PS", &["ps.>"]).await;
+        // JSConsumerNameContainsPathSeparatorsErr for the name in the
+        // subject, in each create form (before any other check of the
+        // name)...
+        let mut requests = Vec::new();
+        for name in ["a/b", "a\\b"] {
+            requests.push((format!("CONSUMER.CREATE.PS.{name}"), json!({})));
+            requests.push((
+                format!("CONSUMER.CREATE.PS.{name}.ps.x"),
+                json!({"filter_subject": "ps.x"}),
+            ));
+            requests.push((
+                format!("CONSUMER.DURABLE.CREATE.PS.{name}"),
+                json!({"durable_name": name}),
+            ));
+            requests.push((format!("CONSUMER.DURABLE.CREATE.PS.{name}"), json!({})));
+            // ...and for the name in the body when the subject has none.
+            requests.push(("CONSUMER.CREATE.PS".to_string(), json!({"name": name})));
+            requests.push((
+                "CONSUMER.CREATE.PS".to_string(),
+                json!({"durable_name": name}),
+            ));
+        }
+        for (subject, config) in requests {
+            let raw = s
+                .api(&subject, json!({"stream_name": "PS", "config": config}))
+                .await;
+            assert_api_error(&raw, 400, 10127);
+            assert_eq!(
+                raw["error"]["description"], "Consumer name can not contain path separators",
+                "{subject}: {raw}"
+            );
+        }
+        let raw = s.api("CONSUMER.NAMES.PS", Value::Null).await;
+        assert_eq!(raw["consumers"], json!([]), "nothing was created: {raw}");
+        s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_info_delete_names_and_list() {
     within("the test", async {
         let s = JsServer::start().await;

@@ -428,6 +428,14 @@ impl ApiError {
         )
     }
 
+    pub fn stream_name_contains_path_separators() -> ApiError {
+        ApiError::new(400, 10128, "Stream name can not contain path separators")
+    }
+
+    pub fn consumer_name_contains_path_separators() -> ApiError {
+        ApiError::new(400, 10127, "Consumer name can not contain path separators")
+    }
+
     pub fn subjects_overlap() -> ApiError {
         ApiError::new(400, 10065, "subjects overlap with an existing stream")
     }
@@ -473,6 +481,13 @@ pub fn reply_json<T: Serialize>(kind: &str, result: Result<T, ApiError>) -> Vec<
     };
     // Plain structs of strings and numbers always serialise.
     encoded.unwrap_or_default()
+}
+
+/// Whether a stream or consumer name contains `/` or `\`. Names become
+/// file names in the store; nats-server refuses these on create with errors
+/// of their own (10127, 10128) rather than the generic invalid-config ones.
+pub fn has_path_separator(name: &str) -> bool {
+    name.contains(['/', '\\'])
 }
 
 fn is_false(b: &bool) -> bool {

@@ -543,6 +543,9 @@ impl JetStream {
                     if c.name != rest {
                         return Err(ApiError::stream_name_mismatch());
                     }
+                    if api::has_path_separator(rest) {
+                        return Err(ApiError::stream_name_contains_path_separators());
+                    }
                     self.create_stream(c)?.info(None)
                 }),
             ),
@@ -777,6 +780,14 @@ impl JetStream {
         };
         if !r.stream_name.is_empty() && r.stream_name != stream_name {
             return Err(ApiError::stream_name_mismatch());
+        }
+        // The subject's name, else the body's (nats-server looks at `name`
+        // only, as it refuses a durable on this subject; we accept one).
+        if name
+            .or(r.config.consumer_name())
+            .is_some_and(api::has_path_separator)
+        {
+            return Err(ApiError::consumer_name_contains_path_separators());
         }
         if durable {
             // The legacy durable API takes the durable name from the body
