@@ -1415,6 +1415,62 @@ async fn restart_keeps_streams_messages_consumers_and_ack_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_redelivers_at_the_ack_wait_of_the_original_delivery() {
+    within("the test", async {
+        let ack_wait = Duration::from_secs(2);
+        let s = JsServer::start().await;
+        let stream = create_stream(&s, "RD", &["rd.>"]).await;
+        s.publish_n("rd.x", 2).await;
+        let c = pull_consumer(
+            &stream,
+            pull::Config {
+                ack_wait,
+                ..durable("w")
+            },
+        )
+        .await;
+        let got = fetch(&c, 1).await;
+        assert_eq!(seqs(&got), vec![1]);
+        // Read back after the delivery was recorded (the consumer persists
+        // under the lock CONSUMER.INFO takes).
+        let info = s.consumer_info("RD", "w").await;
+        assert_eq!(info.num_ack_pending, 1);
+
+        // Down for longer than the ack wait: message 1 is due when the
+        // server comes back, and is redelivered at once, not one whole
+        // ack wait after the restart.
+        let s = s.restart_after(ack_wait + Duration::from_millis(500)).await;
+        let stream = s.js.get_stream("RD").await.unwrap();
+        let c: PullConsumer = stream.get_consumer("w").await.unwrap();
+        let asked = Instant::now();
+        let again = pull(&c, 1, Duration::from_secs(1)).await;
+        assert_eq!(
+            seqs(&again),
+            vec![1],
+            "not redelivered right after the restart"
+        );
+        assert_eq!(delivered(&again[0]), 2);
+        assert!(asked.elapsed() < ack_wait, "took {:?}", asked.elapsed());
+        ack_sync(&again[0]).await;
+
+        // A delivery whose ack wait has not passed yet keeps its deadline
+        // across a quick restart: not redelivered early.
+        let got = fetch(&c, 1).await;
+        assert_eq!(seqs(&got), vec![2]);
+        let delivered_at = Instant::now();
+        let s = s.restart().await;
+        let stream = s.js.get_stream("RD").await.unwrap();
+        let c: PullConsumer = stream.get_consumer("w").await.unwrap();
+        quiet_until(&c, delivered_at + ack_wait - Duration::from_millis(200)).await;
+        let again = pull(&c, 1, Duration::from_secs(5)).await;
+        assert_eq!(seqs(&again), vec![2]);
+        assert_eq!(delivered(&again[0]), 2);
+        s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_messages_stream_pulls_again_and_survives_idle_time() {
     within("the test", async {
         let s = JsServer::start().await;
