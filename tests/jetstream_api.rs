@@ -229,13 +229,8 @@ async fn stream_create_echoes_defaults_and_checks_conflicts() {
                 .await
                 .unwrap_err();
         assert_eq!(err.kind(), CreateStreamErrorKind::InvalidStreamName);
-        let raw = s
-            .api(
-                "STREAM.CREATE.a/b",
-                json!({"name": "a/b", "subjects": ["ab"]}),
-            )
-            .await;
-        assert_eq!(raw["error"]["code"], 400, "{raw}");
+        // (Path separators have an error of their own, see
+        // `stream_names_with_path_separators_are_refused`.)
         // Name in the subject and in the body differ: 10056.
         let raw = s.api("STREAM.CREATE.X", json!({"name": "Y"})).await;
         assert_api_error(&raw, 400, 10056);
@@ -253,6 +248,49 @@ async fn stream_create_echoes_defaults_and_checks_conflicts() {
         // None of the failures created anything.
         let names: Vec<String> = s.js.stream_names().try_collect().await.unwrap();
         assert_eq!(names, vec!["ORDERS".to_string()]);
+        s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_names_with_path_separators_are_refused() {
+    within("the test", async {
+        let s = JsServer::start().await;
+        // Both separators, anywhere in the name: nats-server's
+        // JSStreamNameContainsPathSeparatorsErr, not the generic 10052.
+        for name in ["a/b", "a\\b", "/x", "x\\"] {
+            let raw = s
+                .api(
+                    &format!("STREAM.CREATE.{name}"),
+                    json!({"name": name, "subjects": ["ps"]}),
+                )
+                .await;
+            assert_api_error(&raw, 400, 10128);
+            assert_eq!(
+                raw["error"]["description"], "Stream name can not contain path separators",
+                "{raw}"
+            );
+        }
+        // A body naming another stream is a mismatch first (10056), as in
+        // nats-server, whatever the names contain.
+        let raw = s
+            .api(
+                "STREAM.CREATE.a/b",
+                json!({"name": "ab", "subjects": ["ps"]}),
+            )
+            .await;
+        assert_api_error(&raw, 400, 10056);
+        let raw = s
+            .api(
+                "STREAM.CREATE.ab",
+                json!({"name": "a/b", "subjects": ["ps"]}),
+            )
+            .await;
+        assert_api_error(&raw, 400, 10056);
+
+        let names: Vec<String> = s.js.stream_names().try_collect().await.unwrap();
+        assert!(names.is_empty(), "{names:?}");
         s.shutdown().await;
     })
     .await

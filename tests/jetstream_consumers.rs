@@ -216,6 +216,115 @@ async fn consumer_create_subject_forms_and_durable_create() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_create_checks_the_durable_name_as_nats_server_does() {
+    within("the test", async {
+        let s = JsServer::start().await;
+        create_stream(&s, "DC", &["dc.>"]).await;
+        let create = |subject: &str, config: Value| {
+            let subject = format!("CONSUMER.DURABLE.CREATE.{subject}");
+            let s = &s;
+            async move {
+                s.api(&subject, json!({"stream_name": "DC", "config": config}))
+                    .await
+            }
+        };
+
+        // No durable_name in the body: JSConsumerDurableNameNotSetErr,
+        // even when `name` matches the subject (the durable name is what
+        // this legacy API is about).
+        for config in [
+            json!({"ack_policy": "explicit"}),
+            json!({"durable_name": ""}),
+            json!({"name": "d1"}),
+        ] {
+            let raw = create("DC.d1", config).await;
+            assert_api_error(&raw, 400, 10018);
+            assert_eq!(
+                raw["error"]["description"],
+                "consumer expected to be durable but a durable name was not set",
+                "{raw}"
+            );
+        }
+        // A different one: JSConsumerDurableNameNotMatchSubjectErr.
+        let raw = create("DC.d1", json!({"durable_name": "d2"})).await;
+        assert_api_error(&raw, 400, 10017);
+        assert_eq!(
+            raw["error"]["description"],
+            "consumer name in subject does not match durable name in request",
+            "{raw}"
+        );
+        // No single durable token after the stream:
+        // JSConsumerDurableNameNotInSubjectErr.
+        for subject in ["DC", "DC.d1.x"] {
+            let raw = create(subject, json!({"durable_name": "d1"})).await;
+            assert_api_error(&raw, 400, 10016);
+        }
+        // nats-server checks the request before looking the stream up.
+        let raw = s
+            .api(
+                "CONSUMER.DURABLE.CREATE.NOPE.d1",
+                json!({"stream_name": "NOPE", "config": {}}),
+            )
+            .await;
+        assert_api_error(&raw, 400, 10018);
+
+        let raw = s.api("CONSUMER.NAMES.DC", Value::Null).await;
+        assert_eq!(raw["consumers"], json!([]), "nothing was created: {raw}");
+
+        // The durable name in the body and in the subject: created.
+        let raw = create("DC.d1", json!({"durable_name": "d1"})).await;
+        assert!(raw.get("error").is_none(), "{raw}");
+        assert_eq!(raw["name"], "d1", "{raw}");
+        s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_names_with_path_separators_are_refused() {
+    within("the test", async {
+        let s = JsServer::start().await;
+        create_stream(&s, "PS", &["ps.>"]).await;
+        // JSConsumerNameContainsPathSeparatorsErr for the name in the
+        // subject, in each create form (before any other check of the
+        // name)...
+        let mut requests = Vec::new();
+        for name in ["a/b", "a\\b"] {
+            requests.push((format!("CONSUMER.CREATE.PS.{name}"), json!({})));
+            requests.push((
+                format!("CONSUMER.CREATE.PS.{name}.ps.x"),
+                json!({"filter_subject": "ps.x"}),
+            ));
+            requests.push((
+                format!("CONSUMER.DURABLE.CREATE.PS.{name}"),
+                json!({"durable_name": name}),
+            ));
+            requests.push((format!("CONSUMER.DURABLE.CREATE.PS.{name}"), json!({})));
+            // ...and for the name in the body when the subject has none.
+            requests.push(("CONSUMER.CREATE.PS".to_string(), json!({"name": name})));
+            requests.push((
+                "CONSUMER.CREATE.PS".to_string(),
+                json!({"durable_name": name}),
+            ));
+        }
+        for (subject, config) in requests {
+            let raw = s
+                .api(&subject, json!({"stream_name": "PS", "config": config}))
+                .await;
+            assert_api_error(&raw, 400, 10127);
+            assert_eq!(
+                raw["error"]["description"], "Consumer name can not contain path separators",
+                "{subject}: {raw}"
+            );
+        }
+        let raw = s.api("CONSUMER.NAMES.PS", Value::Null).await;
+        assert_eq!(raw["consumers"], json!([]), "nothing was created: {raw}");
+        s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_info_delete_names_and_list() {
     within("the test", async {
         let s = JsServer::start().await;
@@ -1300,6 +1409,62 @@ async fn restart_keeps_streams_messages_consumers_and_ack_state() {
             ),
             (10, 0, 0)
         );
+        s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_redelivers_at_the_ack_wait_of_the_original_delivery() {
+    within("the test", async {
+        let ack_wait = Duration::from_secs(2);
+        let s = JsServer::start().await;
+        let stream = create_stream(&s, "RD", &["rd.>"]).await;
+        s.publish_n("rd.x", 2).await;
+        let c = pull_consumer(
+            &stream,
+            pull::Config {
+                ack_wait,
+                ..durable("w")
+            },
+        )
+        .await;
+        let got = fetch(&c, 1).await;
+        assert_eq!(seqs(&got), vec![1]);
+        // Read back after the delivery was recorded (the consumer persists
+        // under the lock CONSUMER.INFO takes).
+        let info = s.consumer_info("RD", "w").await;
+        assert_eq!(info.num_ack_pending, 1);
+
+        // Down for longer than the ack wait: message 1 is due when the
+        // server comes back, and is redelivered at once, not one whole
+        // ack wait after the restart.
+        let s = s.restart_after(ack_wait + Duration::from_millis(500)).await;
+        let stream = s.js.get_stream("RD").await.unwrap();
+        let c: PullConsumer = stream.get_consumer("w").await.unwrap();
+        let asked = Instant::now();
+        let again = pull(&c, 1, Duration::from_secs(1)).await;
+        assert_eq!(
+            seqs(&again),
+            vec![1],
+            "not redelivered right after the restart"
+        );
+        assert_eq!(delivered(&again[0]), 2);
+        assert!(asked.elapsed() < ack_wait, "took {:?}", asked.elapsed());
+        ack_sync(&again[0]).await;
+
+        // A delivery whose ack wait has not passed yet keeps its deadline
+        // across a quick restart: not redelivered early.
+        let got = fetch(&c, 1).await;
+        assert_eq!(seqs(&got), vec![2]);
+        let delivered_at = Instant::now();
+        let s = s.restart().await;
+        let stream = s.js.get_stream("RD").await.unwrap();
+        let c: PullConsumer = stream.get_consumer("w").await.unwrap();
+        quiet_until(&c, delivered_at + ack_wait - Duration::from_millis(200)).await;
+        let again = pull(&c, 1, Duration::from_secs(5)).await;
+        assert_eq!(seqs(&again), vec![2]);
+        assert_eq!(delivered(&again[0]), 2);
         s.shutdown().await;
     })
     .await

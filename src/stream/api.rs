@@ -394,12 +394,46 @@ impl ApiError {
         ApiError::new(400, 10056, "stream name in subject does not match request")
     }
 
+    /// CONSUMER.DURABLE.CREATE without exactly one token after the stream.
+    pub fn durable_name_not_in_subject() -> ApiError {
+        ApiError::new(
+            400,
+            10016,
+            "consumer expected to be durable but no durable name set in subject",
+        )
+    }
+
+    pub fn durable_name_mismatch() -> ApiError {
+        ApiError::new(
+            400,
+            10017,
+            "consumer name in subject does not match durable name in request",
+        )
+    }
+
+    /// CONSUMER.DURABLE.CREATE without `durable_name` in the body.
+    pub fn durable_name_not_set() -> ApiError {
+        ApiError::new(
+            400,
+            10018,
+            "consumer expected to be durable but a durable name was not set",
+        )
+    }
+
     pub fn stream_in_use() -> ApiError {
         ApiError::new(
             400,
             10058,
             "stream name already in use with a different configuration",
         )
+    }
+
+    pub fn stream_name_contains_path_separators() -> ApiError {
+        ApiError::new(400, 10128, "Stream name can not contain path separators")
+    }
+
+    pub fn consumer_name_contains_path_separators() -> ApiError {
+        ApiError::new(400, 10127, "Consumer name can not contain path separators")
     }
 
     pub fn subjects_overlap() -> ApiError {
@@ -447,6 +481,13 @@ pub fn reply_json<T: Serialize>(kind: &str, result: Result<T, ApiError>) -> Vec<
     };
     // Plain structs of strings and numbers always serialise.
     encoded.unwrap_or_default()
+}
+
+/// Whether a stream or consumer name contains `/` or `\`. Names become
+/// file names in the store; nats-server refuses these on create with errors
+/// of their own (10127, 10128) rather than the generic invalid-config ones.
+pub fn has_path_separator(name: &str) -> bool {
+    name.contains(['/', '\\'])
 }
 
 fn is_false(b: &bool) -> bool {

@@ -12,9 +12,9 @@
 //! - A message is in `pending` from its delivery until it is acked, termed,
 //!   or has been delivered `max_deliver` times; `ack_floor` never moves
 //!   backwards; `next_seq` only grows.
-//! - The persisted record (config, delivered, ack floor, pending) is written
-//!   after every pump that changed it, before acks are confirmed to
-//!   `AckSync` requesters.
+//! - The persisted record (config, delivered, ack floor, pending and when
+//!   each pending message is due) is written after every pump that changed
+//!   it, before acks are confirmed to `AckSync` requesters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -254,6 +254,15 @@ struct Record {
     next_seq: u64,
     /// `(stream_seq, consumer_seq, deliveries)` of unacknowledged messages.
     pending: Vec<(u64, u64, u64)>,
+    /// `(stream_seq, unix_nanos)`: when each of those is due for
+    /// redelivery (its delivery time plus its ack wait, as `+WPI` and
+    /// `-NAK` with a delay moved it). A restart keeps the deadline, as
+    /// nats-server's stored delivery times do, instead of granting a
+    /// whole new ack wait. A field of its own, and optional, so that
+    /// records written before it still load and older versions still read
+    /// new ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    redeliver_at: Vec<(u64, i64)>,
     catch_up: Vec<u64>,
 }
 
@@ -381,6 +390,7 @@ impl Consumer {
             },
             next_seq,
             pending: Vec::new(),
+            redeliver_at: Vec::new(),
             catch_up: catch_up.into(),
         };
         let consumer = Consumer::start(stream, record);
@@ -398,8 +408,9 @@ impl Consumer {
     }
 
     fn start(stream: &Arc<Stream>, r: Record) -> Arc<Consumer> {
-        let now = Instant::now();
+        let (now, now_unix) = (Instant::now(), now_nanos());
         let ack_wait = Duration::from_nanos(r.config.ack_wait.max(0) as u64);
+        let redeliver_at: HashMap<u64, i64> = r.redeliver_at.into_iter().collect();
         let consumer = Arc::new(Consumer {
             name: r.config.consumer_name().unwrap_or_default().to_string(),
             stream: Arc::downgrade(stream),
@@ -411,17 +422,23 @@ impl Consumer {
                 next_seq: r.next_seq,
                 catch_up: r.catch_up.into(),
                 // After a restart, unacknowledged messages are redelivered
-                // once their ack wait passes again.
+                // when they were due (at once if that passed while the
+                // server was down); records without deadlines wait one
+                // ack wait from now.
                 pending: r
                     .pending
                     .into_iter()
                     .map(|(seq, cseq, deliveries)| {
+                        let deadline = match redeliver_at.get(&seq) {
+                            Some(&at) => from_unix(at, now, now_unix),
+                            None => now + ack_wait,
+                        };
                         (
                             seq,
                             Pending {
                                 cseq,
                                 deliveries,
-                                deadline: now + ack_wait,
+                                deadline,
                             },
                         )
                     })
@@ -655,6 +672,7 @@ impl Consumer {
         let Some(stream) = self.stream.upgrade() else {
             return Ok(());
         };
+        let (now, now_unix) = (Instant::now(), now_nanos());
         let record = Record {
             config: self.config(),
             created: self.created,
@@ -665,6 +683,11 @@ impl Consumer {
                 .pending
                 .iter()
                 .map(|(s, p)| (*s, p.cseq, p.deliveries))
+                .collect(),
+            redeliver_at: st
+                .pending
+                .iter()
+                .map(|(s, p)| (*s, to_unix(p.deadline, now, now_unix)))
                 .collect(),
             catch_up: st.catch_up.iter().copied().collect(),
         };
@@ -1125,6 +1148,21 @@ fn ack_wait_for(config: &ConsumerConfig, deliveries: u64) -> Duration {
     Duration::from_nanos(nanos.max(0) as u64)
 }
 
+/// `at` as Unix nanos, `now` being `now_unix`: deadlines are kept on the
+/// monotonic clock, which does not survive a restart.
+fn to_unix(at: Instant, now: Instant, now_unix: i64) -> i64 {
+    let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    match at.checked_duration_since(now) {
+        Some(ahead) => now_unix.saturating_add(nanos(ahead)),
+        None => now_unix.saturating_sub(nanos(now - at)),
+    }
+}
+
+/// Unix nanos back on the monotonic clock; a time already past is now.
+fn from_unix(at_unix: i64, now: Instant, now_unix: i64) -> Instant {
+    now + Duration::from_nanos(at_unix.saturating_sub(now_unix).max(0) as u64)
+}
+
 fn next_deadline(st: &State, config: &ConsumerConfig) -> Option<Instant> {
     let mut next: Option<Instant> = None;
     let mut consider = |t: Option<Instant>| {
@@ -1222,5 +1260,39 @@ async fn run(consumer: Weak<Consumer>, stopped: CancellationToken) {
             _ = c.wake.notified() => {}
             _ = sleep => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_written_without_redelivery_deadlines_still_load() {
+        let old = r#"{"config":{"durable_name":"d","ack_policy":"explicit"},"created":1,
+            "delivered":{"consumer_seq":2,"stream_seq":2},
+            "ack_floor":{"consumer_seq":1,"stream_seq":1},
+            "next_seq":3,"pending":[[2,2,1]],"catch_up":[]}"#;
+        let record: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(record.pending, vec![(2, 2, 1)]);
+        assert!(record.redeliver_at.is_empty());
+    }
+
+    #[test]
+    fn deadlines_keep_their_distance_through_unix_time() {
+        let (now, now_unix) = (Instant::now(), 1_700_000_000_000_000_000);
+        let due = to_unix(now + Duration::from_millis(1500), now, now_unix);
+        assert_eq!(due, now_unix + 1_500_000_000);
+        // Back one second later: due in half a second.
+        let later = now + Duration::from_secs(1);
+        let later_unix = now_unix + 1_000_000_000;
+        assert_eq!(
+            from_unix(due, later, later_unix),
+            later + Duration::from_millis(500)
+        );
+        // Already past: due now, not in the past of the new clock.
+        let past = to_unix(now, later, later_unix);
+        assert_eq!(past, now_unix);
+        assert_eq!(from_unix(past, later, later_unix), later);
     }
 }

@@ -543,6 +543,9 @@ impl JetStream {
                     if c.name != rest {
                         return Err(ApiError::stream_name_mismatch());
                     }
+                    if api::has_path_separator(rest) {
+                        return Err(ApiError::stream_name_contains_path_separators());
+                    }
                     self.create_stream(c)?.info(None)
                 }),
             ),
@@ -677,56 +680,12 @@ impl JetStream {
         let (stream_name, tail) = rest.split_once('.').map_or((rest, ""), |(s, t)| (s, t));
         let stream = self.stream(stream_name);
         match verb {
-            "CREATE" | "DURABLE" => {
-                // CONSUMER.CREATE.<stream>[.<name>[.<filter>]] and
-                // CONSUMER.DURABLE.CREATE.<stream>.<durable>.
-                let (stream_name, name, filter, durable) = if verb == "DURABLE" {
-                    let (s, d) = tail.split_once('.').unwrap_or((tail, ""));
-                    (s, Some(d), None, true)
-                } else {
-                    let mut it = tail.splitn(2, '.');
-                    (
-                        stream_name,
-                        it.next().filter(|n| !n.is_empty()),
-                        it.next(),
-                        false,
-                    )
-                };
-                let stream = if verb == "DURABLE" {
-                    self.stream(stream_name)
-                } else {
-                    stream
-                };
-                reply_json(
-                    &kind("create"),
-                    parse::<CreateConsumerRequest>(payload).and_then(|mut r| {
-                        let stream = stream?;
-                        if !r.stream_name.is_empty() && r.stream_name != stream_name {
-                            return Err(ApiError::stream_name_mismatch());
-                        }
-                        if let Some(name) = name {
-                            if durable && r.config.durable_name.is_none() {
-                                r.config.durable_name = Some(name.to_string());
-                            }
-                            match r.config.consumer_name() {
-                                Some(n) if n != name => {
-                                    return Err(ApiError::new(400, 10017, "consumer name in subject does not match durable name in request"))
-                                }
-                                None => r.config.name = Some(name.to_string()),
-                                _ => {}
-                            }
-                        }
-                        if let Some(filter) = filter {
-                            let filters = r.config.filters();
-                            if filters.len() > 1 || filters.first().is_some_and(|f| f != filter) {
-                                return Err(ApiError::new(400, 10131, "Consumer create request did not match filtered subject from create subject"));
-                            }
-                        }
-                        let consumer = stream.create_consumer(r.config, &r.action)?;
-                        Ok(consumer.info())
-                    }),
-                )
-            }
+            "CREATE" | "DURABLE" => reply_json(
+                &kind("create"),
+                parse::<CreateConsumerRequest>(payload)
+                    .and_then(|r| self.create_consumer(verb == "DURABLE", rest, r))
+                    .map(|c| c.info()),
+            ),
             "INFO" => reply_json(
                 &kind("info"),
                 stream
@@ -788,6 +747,76 @@ impl JetStream {
                 Err(ApiError::bad_request()),
             ),
         }
+    }
+
+    /// CONSUMER.CREATE.<stream>[.<name>[.<filter>]] (`rest` after CREATE)
+    /// and CONSUMER.DURABLE.CREATE.<stream>.<durable> (`rest` after
+    /// DURABLE). The request is checked against its subject in
+    /// nats-server's order, which looks the stream up only after, so that
+    /// clients get the same error for the same mistake.
+    fn create_consumer(
+        &self,
+        durable: bool,
+        rest: &str,
+        mut r: CreateConsumerRequest,
+    ) -> Result<Arc<consumer::Consumer>, ApiError> {
+        let (stream_name, name, filter) = if durable {
+            let mut tokens = rest.split('.');
+            if tokens.next() != Some("CREATE") {
+                return Err(ApiError::bad_request());
+            }
+            match (tokens.next(), tokens.next(), tokens.next()) {
+                (Some(stream), Some(name), None) if !name.is_empty() => (stream, Some(name), None),
+                _ => return Err(ApiError::durable_name_not_in_subject()),
+            }
+        } else {
+            let mut tokens = rest.splitn(3, '.');
+            let stream = tokens.next().unwrap_or("");
+            (
+                stream,
+                tokens.next().filter(|n| !n.is_empty()),
+                tokens.next(),
+            )
+        };
+        if !r.stream_name.is_empty() && r.stream_name != stream_name {
+            return Err(ApiError::stream_name_mismatch());
+        }
+        // The subject's name, else the body's (nats-server looks at `name`
+        // only, as it refuses a durable on this subject; we accept one).
+        if name
+            .or(r.config.consumer_name())
+            .is_some_and(api::has_path_separator)
+        {
+            return Err(ApiError::consumer_name_contains_path_separators());
+        }
+        if durable {
+            // The legacy durable API takes the durable name from the body
+            // and only checks it against the subject: nats-server neither
+            // fills it in nor accepts `name` instead.
+            match r.config.durable_name.as_deref().filter(|d| !d.is_empty()) {
+                None => return Err(ApiError::durable_name_not_set()),
+                Some(d) if Some(d) != name => return Err(ApiError::durable_name_mismatch()),
+                Some(_) => {}
+            }
+        } else if let Some(name) = name {
+            match r.config.consumer_name() {
+                Some(n) if n != name => return Err(ApiError::durable_name_mismatch()),
+                None => r.config.name = Some(name.to_string()),
+                Some(_) => {}
+            }
+        }
+        if let Some(filter) = filter {
+            let filters = r.config.filters();
+            if filters.len() > 1 || filters.first().is_some_and(|f| f != filter) {
+                return Err(ApiError::new(
+                    400,
+                    10131,
+                    "Consumer create request did not match filtered subject from create subject",
+                ));
+            }
+        }
+        self.stream(stream_name)?
+            .create_consumer(r.config, &r.action)
     }
 
     fn stream_names(&self, subject: Option<&str>) -> Vec<String> {

@@ -60,6 +60,12 @@ impl JsServer {
     /// Shuts the server down and starts a new one on the same store (on a
     /// new port), with a new connection.
     pub async fn restart(self) -> JsServer {
+        self.restart_after(Duration::ZERO).await
+    }
+
+    /// [`JsServer::restart`], with the server down for `downtime` (for
+    /// timers that run on while no server does, such as ack waits).
+    pub async fn restart_after(self, downtime: Duration) -> JsServer {
         let JsServer {
             server,
             client,
@@ -70,6 +76,7 @@ impl JsServer {
         drop(js);
         drop(client);
         within("the server to shut down", server.shutdown()).await;
+        tokio::time::sleep(downtime).await;
         config.listen = "127.0.0.1:0".into();
         JsServer::boot(config, dir).await
     }
