@@ -509,7 +509,7 @@ fn keyspace_names(id: u64) -> [String; 3] {
 fn keyspace_options(name: &str) -> KeyspaceCreateOptions {
     const MIB: u64 = 1024 * 1024;
     let memtable = match name.as_bytes().first() {
-        Some(b'm') => 512 * MIB,
+        Some(b'm') => 32 * MIB,
         Some(b'i') => 16 * MIB,
         _ => 4 * MIB,
     };
@@ -518,7 +518,7 @@ fn keyspace_options(name: &str) -> KeyspaceCreateOptions {
 
 /// Most journal kept before memtables are flushed: bounds both the memory
 /// of unflushed writes and the replay on open.
-const MAX_JOURNAL: u64 = 1024 * 1024 * 1024;
+const MAX_JOURNAL: u64 = 128 * 1024 * 1024;
 
 /// The id of a keyspace named by [`keyspace_names`].
 fn keyspace_id(name: &str) -> Option<u64> {
