@@ -88,7 +88,8 @@ pub(crate) struct Stream {
     created: i64,
     store: Arc<dyn StreamStore>,
     ingest: mpsc::Sender<Message>,
-    /// Bytes in the ingest queue, against [`INGEST_MAX_BYTES`].
+    /// Bytes of publishes taken in but not yet answered (queued, being
+    /// written or fsynced), against [`INGEST_MAX_BYTES`].
     ingest_bytes: AtomicUsize,
     dedup: Mutex<Dedup>,
     consumers: RwLock<HashMap<String, Arc<Consumer>>>,
@@ -685,6 +686,8 @@ impl Stream {
             if let Some(js) = js.as_ref().filter(|_| acked && written.stored_any()) {
                 js.latency.publish_ack.observe(written.received.elapsed());
             }
+            let bytes: usize = written.batch.iter().map(|m| m.payload().len()).sum();
+            self.ingest_bytes.fetch_sub(bytes, Ordering::Relaxed);
         }
     }
 
@@ -725,8 +728,6 @@ impl Stream {
     /// commits them together: one write for the batch, not one per message.
     /// Runs on the blocking pool.
     fn write_batch(&self, batch: Vec<Message>, received: std::time::Instant) -> Written {
-        let queued: usize = batch.iter().map(|m| m.payload().len()).sum();
-        self.ingest_bytes.fetch_sub(queued, Ordering::Relaxed);
         let results = self.store_all(&batch);
         if self.config.read().retention == Retention::Interest {
             // A message no consumer wants is done as soon as it is stored:
@@ -953,8 +954,9 @@ impl Written {
 }
 
 /// Written batches waiting for their fsync and PubAcks. The ingest task
-/// keeps writing while earlier batches are fsynced, up to this many ahead.
-const WRITTEN_MAX: usize = 64;
+/// keeps writing while earlier batches are fsynced, up to this many ahead
+/// (their bytes still count against [`INGEST_MAX_BYTES`] until answered).
+const WRITTEN_MAX: usize = 8;
 
 /// Takes what has queued up (at most [`BATCH_MAX`]) as one batch, writes
 /// it, and passes it on to [`answer_loop`].
