@@ -68,6 +68,14 @@ const STATE_LEN: usize = 1 + 8 * 5;
 const SUMMARY_KEY: &[u8] = b"summary";
 const SUMMARY_VERSION: u8 = 1;
 
+/// Turns an I/O error into a [`StoreError::Io`] that says what was being done.
+fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    move |source| StoreError::Io {
+        context: context.into(),
+        source,
+    }
+}
+
 /// Turns an fjall error into a [`StoreError`]: I/O failures stay I/O,
 /// anything about the content of files (checksums, truncation, bad tags) is
 /// corruption.
@@ -91,10 +99,7 @@ fn fjall_error(context: impl Into<String>) -> impl FnOnce(fjall::Error) -> Store
             io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => {
                 StoreError::corrupt(format!("{context}: {io_source}"))
             }
-            _ => StoreError::Io {
-                context,
-                source: io_source,
-            },
+            _ => io_error(context)(io_source),
         }
     }
 }
@@ -318,10 +323,7 @@ impl SyncGroup {
             None => 0,
         };
         let path = dir.join(MARKER_FILE);
-        let io = |context: &str| {
-            let context = format!("{context} {}", path.display());
-            move |source| StoreError::Io { context, source }
-        };
+        let io = |context: &str| io_error(format!("{context} {}", path.display()));
         let synced = match std::fs::read(&path) {
             Ok(bytes) => decode_marker(&bytes)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
@@ -375,10 +377,7 @@ impl SyncGroup {
     /// listing and opening was rotated, hence fsynced, meanwhile: list
     /// again; should that keep happening, fsync under fjall's lock.
     fn fsync_journal(&self) -> Result<()> {
-        let io = |context: &str| {
-            let context = format!("{context} in {}", self.dir.display());
-            move |source| StoreError::Io { context, source }
-        };
+        let io = |context: &str| io_error(format!("{context} in {}", self.dir.display()));
         let mut journal = self.journal.lock();
         for _ in 0..JOURNAL_TRIES {
             let newest = match journal.as_ref() {
@@ -408,10 +407,7 @@ impl SyncGroup {
         let mut f = &*file;
         f.seek(io::SeekFrom::Start(0))
             .and_then(|_| f.write_all(&encode_marker(synced)))
-            .map_err(|source| StoreError::Io {
-                context: format!("write {MARKER_FILE}"),
-                source,
-            })
+            .map_err(io_error(format!("write {MARKER_FILE}")))
     }
 }
 
@@ -450,10 +446,9 @@ impl Durability for SyncGroup {
         let mut state = self.state.lock();
         loop {
             if state.failed {
-                return Err(StoreError::Io {
-                    context: format!("fsync in {}", self.dir.display()),
-                    source: io::Error::other("an earlier fsync failed; restart the server"),
-                });
+                return Err(io_error(format!("fsync in {}", self.dir.display()))(
+                    io::Error::other("an earlier fsync failed; restart the server"),
+                ));
             }
             if state.synced >= target {
                 return Ok(());
@@ -653,10 +648,7 @@ impl FileStorage {
     /// has it open, or with [`StoreError::Corrupt`] if its files are damaged.
     pub fn open(dir: impl AsRef<Path>) -> Result<FileStorage> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
-            context: format!("create {}", dir.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir).map_err(io_error(format!("create {}", dir.display())))?;
         let context = format!("open store in {}", dir.display());
         let db = Database::builder(&dir)
             .max_journaling_size(MAX_JOURNAL)
@@ -992,10 +984,7 @@ impl Backend for FileBackend {
             b.remove(&self.index, &index_key(&r.subject, r.seq)[..]);
         }
         for m in batch.puts {
-            let value = encode_message(m).map_err(|source| StoreError::Io {
-                context: self.context("encode message"),
-                source,
-            })?;
+            let value = encode_message(m).map_err(io_error(self.context("encode message")))?;
             b.insert(&self.messages, m.seq.to_be_bytes(), value);
             b.insert(
                 &self.index,
@@ -1080,10 +1069,7 @@ mod tests {
     /// would confirm writes that sit unsynced in the new one.
     #[test]
     fn sync_follows_the_journal_through_rotations() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|source| StoreError::Io {
-            context: "temp dir".into(),
-            source,
-        })?;
+        let dir = tempfile::tempdir().map_err(io_error("temp dir"))?;
         let storage = FileStorage::open(dir.path())?;
         let store = storage.open_stream("S", StoreLimits::default())?;
         // Incompressible: fjall compresses journal entries.
@@ -1102,10 +1088,7 @@ mod tests {
         let first = synced_journal();
         assert_eq!(
             first,
-            Some(newest_journal(dir.path()).map_err(|e| StoreError::Io {
-                context: "list".into(),
-                source: e,
-            })?)
+            Some(newest_journal(dir.path()).map_err(io_error("list"))?)
         );
         // fjall rotates its journal at a flush once it holds 64 MB: write
         // past that, then have the message keyspace flushed.
@@ -1123,10 +1106,7 @@ mod tests {
             .map_err(fjall_error("flush"))?;
         store.append(b"a", 0, &body, 2)?;
         store.sync()?;
-        let newest = newest_journal(dir.path()).map_err(|source| StoreError::Io {
-            context: "list".into(),
-            source,
-        })?;
+        let newest = newest_journal(dir.path()).map_err(io_error("list"))?;
         assert!(Some(newest) > first, "the journal did not rotate");
         assert_eq!(synced_journal(), Some(newest));
         Ok(())
