@@ -234,6 +234,20 @@ async fn stream_create_echoes_defaults_and_checks_conflicts() {
         // Name in the subject and in the body differ: 10056.
         let raw = s.api("STREAM.CREATE.X", json!({"name": "Y"})).await;
         assert_api_error(&raw, 400, 10056);
+        // An invalid config is JSStreamInvalidConfigF, which nats-server
+        // answers with code 500, not 400.
+        let raw = s
+            .api(
+                "STREAM.CREATE.X",
+                json!({"name": "X", "subjects": ["a..b"]}),
+            )
+            .await;
+        assert_api_error(&raw, 500, 10052);
+        // Replicas on a single server: JSStreamReplicasNotSupportedErr.
+        let raw = s
+            .api("STREAM.CREATE.X", json!({"name": "X", "num_replicas": 3}))
+            .await;
+        assert_api_error(&raw, 500, 10074);
         // Not JSON: 10025.
         let reply = within(
             "a reply",

@@ -127,7 +127,7 @@ async fn consumer_create_subject_forms_and_durable_create() {
             )
             .await;
         assert_eq!(raw["name"], "named", "{raw}");
-        // ...and must match the one in the body: 10017.
+        // ...a durable name in the body must be the subject's: 10017...
         let raw = s
             .api(
                 "CONSUMER.CREATE.CF.named2",
@@ -135,6 +135,29 @@ async fn consumer_create_subject_forms_and_durable_create() {
             )
             .await;
         assert_api_error(&raw, 400, 10017);
+        // ...while a different `name` in the body gives way to the
+        // subject's, as in nats-server.
+        let raw = s
+            .api(
+                "CONSUMER.CREATE.CF.named3",
+                json!({"stream_name": "CF", "config": {"name": "other"}}),
+            )
+            .await;
+        assert_eq!(raw["name"], "named3", "{raw}");
+        // CONSUMER.CREATE.<stream> makes ephemerals only:
+        // JSConsumerEphemeralWithDurableNameErr.
+        let raw = s
+            .api(
+                "CONSUMER.CREATE.CF",
+                json!({"stream_name": "CF", "config": {"durable_name": "d"}}),
+            )
+            .await;
+        assert_api_error(&raw, 400, 10020);
+        assert_eq!(
+            raw["error"]["description"],
+            "consumer expected to be ephemeral but a durable name was set in request",
+            "{raw}"
+        );
 
         // CONSUMER.CREATE.<stream>.<name>.<filter>
         let raw = s
@@ -194,21 +217,29 @@ async fn consumer_create_subject_forms_and_durable_create() {
             .await;
         assert_api_error(&raw, 400, 10017);
 
-        // The stream in the body must be the one in the subject: 10056.
-        let raw = s
-            .api(
-                "CONSUMER.CREATE.CF",
-                json!({"stream_name": "OTHER", "config": {}}),
-            )
-            .await;
-        assert_api_error(&raw, 400, 10056);
+        // The stream in the body must be the one in the subject, and a
+        // body without one does not match either: 10056.
+        for body in [
+            json!({"stream_name": "OTHER", "config": {}}),
+            json!({"config": {}}),
+        ] {
+            let raw = s.api("CONSUMER.CREATE.CF", body).await;
+            assert_api_error(&raw, 400, 10056);
+        }
 
         let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
         let names: BTreeSet<String> = names.into_iter().collect();
-        let expected: BTreeSet<String> = [&ephemeral, "filtered", "legacy", "named", "viaclient"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+        let expected: BTreeSet<String> = [
+            &ephemeral,
+            "filtered",
+            "legacy",
+            "named",
+            "named3",
+            "viaclient",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
         assert_eq!(names, expected);
         s.shutdown().await;
     })

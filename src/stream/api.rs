@@ -420,6 +420,15 @@ impl ApiError {
         )
     }
 
+    /// CONSUMER.CREATE.<stream> (no name token) with `durable_name` set.
+    pub fn ephemeral_with_durable_name() -> ApiError {
+        ApiError::new(
+            400,
+            10020,
+            "consumer expected to be ephemeral but a durable name was set in request",
+        )
+    }
+
     pub fn stream_in_use() -> ApiError {
         ApiError::new(
             400,
@@ -440,8 +449,9 @@ impl ApiError {
         ApiError::new(400, 10065, "subjects overlap with an existing stream")
     }
 
+    /// JSStreamInvalidConfigF, which nats-server answers with code 500.
     pub fn stream_config(description: impl Into<String>) -> ApiError {
-        ApiError::new(400, 10052, description)
+        ApiError::new(500, 10052, description)
     }
 
     pub fn consumer_config(description: impl Into<String>) -> ApiError {

@@ -778,32 +778,40 @@ impl JetStream {
                 tokens.next(),
             )
         };
-        if !r.stream_name.is_empty() && r.stream_name != stream_name {
+        // An empty `stream_name` is a mismatch too, as in nats-server.
+        if r.stream_name != stream_name {
             return Err(ApiError::stream_name_mismatch());
         }
-        // The subject's name, else the body's (nats-server looks at `name`
-        // only, as it refuses a durable on this subject; we accept one).
+        // The subject's name, else the body's.
         if name
             .or(r.config.consumer_name())
             .is_some_and(api::has_path_separator)
         {
             return Err(ApiError::consumer_name_contains_path_separators());
         }
-        if durable {
+        let durable_name = r.config.durable_name.as_deref().filter(|d| !d.is_empty());
+        match (durable, name) {
             // The legacy durable API takes the durable name from the body
             // and only checks it against the subject: nats-server neither
             // fills it in nor accepts `name` instead.
-            match r.config.durable_name.as_deref().filter(|d| !d.is_empty()) {
+            (true, _) => match durable_name {
                 None => return Err(ApiError::durable_name_not_set()),
                 Some(d) if Some(d) != name => return Err(ApiError::durable_name_mismatch()),
                 Some(_) => {}
+            },
+            // CREATE.<stream>.<name>: a durable name in the body must be the
+            // subject's; the subject's name replaces the body's `name`.
+            (false, Some(name)) => {
+                if durable_name.is_some_and(|d| d != name) {
+                    return Err(ApiError::durable_name_mismatch());
+                }
+                r.config.name = Some(name.to_string());
             }
-        } else if let Some(name) = name {
-            match r.config.consumer_name() {
-                Some(n) if n != name => return Err(ApiError::durable_name_mismatch()),
-                None => r.config.name = Some(name.to_string()),
-                Some(_) => {}
+            // CREATE.<stream> makes ephemeral consumers only.
+            (false, None) if durable_name.is_some() => {
+                return Err(ApiError::ephemeral_with_durable_name())
             }
+            (false, None) => {}
         }
         if let Some(filter) = filter {
             let filters = r.config.filters();

@@ -115,7 +115,9 @@ pub(crate) fn normalize(mut config: StreamConfig) -> Result<StreamConfig, ApiErr
         ));
     }
     if config.num_replicas > 1 {
-        return Err(ApiError::stream_config(
+        return Err(ApiError::new(
+            500,
+            10074,
             "replicas > 1 not supported in non-clustered mode",
         ));
     }
