@@ -137,6 +137,12 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
+    /// The JetStream subsystem, for the library's own tests.
+    #[cfg(test)]
+    pub(crate) fn jetstream(&self) -> Option<Arc<crate::stream::JetStream>> {
+        self.state.jetstream.get().cloned()
+    }
+
     /// The address clients connect to (with the real port when 0 was asked).
     pub fn addr(&self) -> SocketAddr {
         self.state.addr

@@ -670,9 +670,7 @@ impl Stream {
                 "stream {}: fsync failed, publishes are not acknowledged: {e}",
                 self.name
             );
-            for r in group.iter_mut().flat_map(|w| w.results.iter_mut()) {
-                *r = Err(ApiError::store_failed(&e));
-            }
+            fail_all(group, &ApiError::store_failed(&e));
         }
     }
 
@@ -684,12 +682,14 @@ impl Stream {
         }
         let js = self.js();
         for written in group {
+            // Before the answers go out: a publisher that has its PubAck
+            // finds the budget already given back.
+            let bytes: usize = written.batch.iter().map(|m| m.payload().len()).sum();
+            self.ingest_bytes.fetch_sub(bytes, Ordering::Relaxed);
             let acked = self.answer(&written.batch, &written.results);
             if let Some(js) = js.as_ref().filter(|_| acked && written.stored_any()) {
                 js.latency.publish_ack.observe(written.received.elapsed());
             }
-            let bytes: usize = written.batch.iter().map(|m| m.payload().len()).sum();
-            self.ingest_bytes.fetch_sub(bytes, Ordering::Relaxed);
         }
     }
 
@@ -955,6 +955,13 @@ impl Written {
     }
 }
 
+/// Turns every publish of `group` into `error`: none of them is durable.
+fn fail_all(group: &mut [Written], error: &ApiError) {
+    for r in group.iter_mut().flat_map(|w| w.results.iter_mut()) {
+        *r = Err(error.clone());
+    }
+}
+
 /// Written batches waiting for their fsync and PubAcks. The ingest task
 /// keeps writing while earlier batches are fsynced, up to this many ahead
 /// (their bytes still count against [`INGEST_MAX_BYTES`] until answered).
@@ -1044,7 +1051,15 @@ async fn answer_loop(stream: Weak<Stream>, mut rx: mpsc::Receiver<Written>) {
         });
         let syncing = (!group.is_empty()).then(|| {
             tokio::task::spawn_blocking(move || {
-                s.sync_written(&mut group);
+                // The group is answered whatever happens: a panic here
+                // would otherwise lose its PubAcks and its ingest budget.
+                let synced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    s.sync_written(&mut group)
+                }));
+                if synced.is_err() {
+                    tracing::error!("stream fsync panicked, publishes are not acknowledged");
+                    fail_all(&mut group, &ApiError::store_failed("fsync failed"));
+                }
                 group
             })
         });
@@ -1056,7 +1071,7 @@ async fn answer_loop(stream: Weak<Stream>, mut rx: mpsc::Receiver<Written>) {
         if let Some(syncing) = syncing {
             match syncing.await {
                 Ok(group) => synced = Some(group),
-                Err(e) => tracing::error!("stream fsync panicked: {e}"),
+                Err(e) => tracing::error!("stream fsync task failed: {e}"),
             }
         }
     }
@@ -1102,5 +1117,52 @@ mod tests {
         );
         assert_eq!(json["error"]["code"], 429);
         assert_eq!(json["error"]["err_code"], 10167);
+    }
+
+    /// A publish that would take the stream beyond its ingest budget is
+    /// refused with 429 / 10167 and not stored; once the bytes in flight
+    /// are answered the budget is back and the same publish is acked.
+    #[tokio::test]
+    async fn a_publish_beyond_the_ingest_budget_gets_429() {
+        use crate::tools::commands::request;
+        use crate::tools::conn::Endpoint;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = crate::Config::core("127.0.0.1:0");
+        config.jetstream.enabled = true;
+        config.jetstream.store_dir = dir.path().to_path_buf();
+        config.jetstream.streams = vec![serde_json::from_value(serde_json::json!({
+            "name": "BUDGET", "subjects": ["budget.>"]
+        }))
+        .expect("stream config")];
+        let server = crate::Server::start(config).await.expect("server starts");
+        let stream = server
+            .jetstream()
+            .and_then(|js| js.stream("BUDGET").ok())
+            .expect("the declared stream");
+        let url = Endpoint::plain(&server.client_url()).expect("url");
+        let publish = || request(&url, "budget.a", b"hi", std::time::Duration::from_secs(5));
+
+        // As if 64 MiB of publishes were still waiting for their PubAcks.
+        stream
+            .ingest_bytes
+            .store(INGEST_MAX_BYTES - 1, Ordering::Relaxed);
+        let (reply, _) = publish().await.expect("an answer");
+        let json: serde_json::Value = serde_json::from_slice(reply.data()).expect("JSON");
+        assert_eq!(json["error"]["code"], 429, "{json}");
+        assert_eq!(json["error"]["err_code"], 10167, "{json}");
+        assert_eq!(stream.state().messages, 0);
+        // The refused publish gave its bytes back.
+        assert_eq!(
+            stream.ingest_bytes.load(Ordering::Relaxed),
+            INGEST_MAX_BYTES - 1
+        );
+
+        stream.ingest_bytes.store(0, Ordering::Relaxed);
+        let (reply, _) = publish().await.expect("an answer");
+        let json: serde_json::Value = serde_json::from_slice(reply.data()).expect("JSON");
+        assert_eq!(json, serde_json::json!({"stream": "BUDGET", "seq": 1}));
+        // Answered, so its bytes no longer count.
+        assert_eq!(stream.ingest_bytes.load(Ordering::Relaxed), 0);
+        server.shutdown().await;
     }
 }
