@@ -11,9 +11,10 @@
 #   SECTIONS=monitor RUNS=5 scripts/compare-nats-server.sh  # cost of monitoring
 #
 # Five sections: `core` (plain NATS messaging), `js` (durable streams:
-# jspub and jsconsume) and `tls` (core messaging, idle connections and
-# connection set-up over TLS, both servers with the same certificate made
-# by `skiff gen-certs`; clients are not asked for certificates) and
+# jspub with one and with four publishers, and jsconsume) and `tls` (core
+# messaging, idle connections and connection set-up over TLS, both servers
+# with the same certificate made by `skiff gen-certs`; clients are not
+# asked for certificates) and
 # `cluster` (two nodes of each, routed to each other on loopback, streams
 # off on both; publishers on the first node, subscribers and repliers on the
 # second, so every message crosses the route; CPU is both nodes' together)
@@ -324,6 +325,9 @@ for PASS in $(seq "$RUNS"); do
         # Fresh servers, so that the RSS after the jspub runs is theirs.
         start_servers skiff skiff2m nats
         all3 jspub1k jspub --msgs "$JS_BIG_MSGS" --size 1024
+        # Four publishing connections at once: what group commit is for.
+        all3 jspub1kx4 jspub --msgs "$JS_BIG_MSGS" --size 1024 --pubs 4
+        all3 jspub16x4 jspub --msgs "$JS_MSGS" --size 16 --pubs 4
         # Leaves JS_MSGS messages of 16 B in the stream, for jsconsume.
         all3 jspub16 jspub --msgs "$JS_MSGS" --size 16
         all3 jsconsume jsconsume --msgs "$JS_MSGS" --size 16
@@ -444,9 +448,11 @@ if any(server == "nats" and key in CPU_ROWS + ["conns"] for key, server in resul
 JS_ROWS = [
     ("jspub16", "jspub, 16 B", "acked msgs/s", "pub_msgs_per_sec", True),
     ("jspub1k", "jspub, 1 KiB", "acked msgs/s", "pub_msgs_per_sec", True),
+    ("jspub16x4", "jspub, 16 B, 4 publishers", "acked msgs/s", "pub_msgs_per_sec", True),
+    ("jspub1kx4", "jspub, 1 KiB, 4 publishers", "acked msgs/s", "pub_msgs_per_sec", True),
     ("jsconsume", "jsconsume, 16 B", "consumed and acked msgs/s", "sub_msgs_per_sec", True),
     ("jspub16", "jspub, 16 B", "PubAck p50 latency µs", "latency_us.p50", False),
-    ("jspub16", "after both jspub runs", "server RSS MiB", mib("js.server_rss"), False),
+    ("jspub16", "after the jspub runs", "server RSS MiB", mib("js.server_rss"), False),
     ("jspub16", "jspub, 16 B", "server CPU ns per acked msg", per_msg_ns, False),
     ("jspub1k", "jspub, 1 KiB", "server CPU ns per acked msg", per_msg_ns, False),
     ("jsconsume", "jsconsume, 16 B", "server CPU ns per consumed msg", per_msg_ns, False),

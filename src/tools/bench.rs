@@ -183,8 +183,11 @@ impl BenchOptions {
                 let one = BenchOptions::new("", self.scenario);
                 if self.msgs == 0 || self.window == 0 || self.batch == 0 {
                     bad("--msgs, --window and --batch must be at least 1")
-                } else if (self.pubs, self.subs) != (one.pubs, one.subs) {
-                    bad("jspub and jsconsume use one connection: --pubs and --subs do not apply")
+                } else if self.subs != one.subs {
+                    bad("jspub and jsconsume have no subscribers: --subs does not apply")
+                } else if self.pubs == 0 || (self.scenario == Scenario::JsConsume && self.pubs != 1)
+                {
+                    bad("jspub needs --pubs of at least 1; jsconsume uses one connection")
                 } else if !valid_name {
                     bad("--stream must be a name without spaces, `.`, `*` or `>`")
                 } else {
@@ -1316,8 +1319,26 @@ mod tests {
             assert!(report.latency_us.is_some(), "{report}");
             report.check().unwrap();
         }
+        // Three publishers share the messages, each with its own window.
+        let three = BenchOptions {
+            msgs: 301,
+            pubs: 3,
+            ..jspub.clone()
+        };
+        let report = run(&three).await.unwrap();
+        let js = report.js.as_ref().unwrap();
+        assert_eq!((js.sent, js.acked, js.failed), (301, 301, 0), "{report}");
+        report.check().unwrap();
+        let endpoint = crate::tools::conn::Endpoint::new(&url, &TlsOptions::default()).unwrap();
+        let subject = "$JS.API.STREAM.INFO.BENCH";
+        let (info, _) =
+            crate::tools::commands::request(&endpoint, subject, b"", Duration::from_secs(5))
+                .await
+                .unwrap();
+        let info = String::from_utf8_lossy(info.payload()).into_owned();
+        assert!(info.contains("\"messages\":301"), "{info}");
 
-        // The stream holds 300: consuming 200 reuses it, in batches that
+        // The stream holds 301: consuming 200 reuses it, in batches that
         // do not divide the count, twice from the start with a new consumer.
         let consume = BenchOptions {
             msgs: 200,
@@ -1425,6 +1446,11 @@ mod tests {
             ..BenchOptions::new("x", Scenario::JsConsume)
         };
         assert!(two.validate().is_err());
+        let two = BenchOptions {
+            pubs: 2,
+            ..BenchOptions::new("x", Scenario::JsPub)
+        };
+        assert!(two.validate().is_ok());
         assert!(BenchOptions::new("x", Scenario::JsConsume)
             .validate()
             .is_ok());

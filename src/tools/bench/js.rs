@@ -4,15 +4,18 @@
 //!
 //! - `jspub` (re)creates a file stream on the bench subject and publishes
 //!   with a reply inbox on each message, keeping up to `--window` PubAcks
-//!   outstanding (`nats bench --js --pubbatch`). Only acknowledged messages
-//!   count: a PubAck is the server's promise that the message is stored.
+//!   outstanding (`nats bench --js --pubbatch`), from `--pubs` connections
+//!   side by side (`nats bench --js --pub`), each with its own window and
+//!   share of the messages. Only acknowledged messages count: a PubAck is
+//!   the server's promise that the message is stored.
 //! - `jsconsume` reads a stream (filling it first, with the `jspub` code,
 //!   unless it already holds `--msgs` messages) through a durable pull
 //!   consumer with explicit acks, pulling `--batch` messages per request and
 //!   acking each one.
 //!
 //! Invariants:
-//! - One connection does everything, and one wildcard inbox subscription
+//! - One connection does everything (`jspub` adds one per further
+//!   publisher, publishing only), and one wildcard inbox subscription
 //!   (the connection's own) takes every reply: PubAcks under `<inbox>.p<n>`,
 //!   pull-request status messages under `<inbox>.c<n>`. Letters keep these
 //!   apart from the numbered subjects of [`Connection::request`], used for
@@ -24,6 +27,7 @@
 //! - Every loop is bounded by the message count and the run's deadline.
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -32,8 +36,8 @@ use serde_json::{json, Value};
 use tokio::time::{timeout_at, Instant};
 
 use super::{
-    connect, rss_bytes, server_name, BenchError, BenchOptions, JsReport, Latency, Progress, Report,
-    Side, BATCH, MAX_LATENCY_NS,
+    connect, rss_bytes, server_name, split, BenchError, BenchOptions, JsReport, Latency, Progress,
+    Report, Side, BATCH, MAX_LATENCY_NS,
 };
 use crate::protocol::{headers, Message};
 use crate::tools::conn::{self, Connection, Endpoint};
@@ -65,8 +69,31 @@ pub(super) async fn run_jspub(
     let mut conn = connect(endpoint, deadline).await?;
     let server = server_name(&conn);
     recreate_stream(&mut conn, options, deadline).await?;
+    let mut conns = vec![conn];
+    for _ in 1..options.pubs {
+        conns.push(connect(endpoint, deadline).await?);
+    }
     let progress = Progress::start(options.progress, options.msgs, "acked", deadline);
-    let outcome = publish_acked(&mut conn, options, deadline, Some(&progress)).await;
+    // Each publisher in a task of its own, with its own window and share.
+    let runs: Vec<_> = conns
+        .into_iter()
+        .zip(split(options.msgs, options.pubs))
+        .map(|(mut conn, (_, msgs))| {
+            let (options, count) = (options.clone(), progress.count.clone());
+            tokio::spawn(async move {
+                publish_acked(&mut conn, &options, msgs, deadline, Some(&count)).await
+            })
+        })
+        .collect();
+    let mut outcome: Option<Published> = None;
+    for run in runs {
+        let one = run.await?;
+        outcome = Some(match outcome {
+            Some(all) => all.merge(one),
+            None => one,
+        });
+    }
+    let outcome = outcome.ok_or_else(|| BenchError::Options("--pubs must be at least 1".into()))?;
     progress.finish();
 
     let published = Side {
@@ -107,7 +134,14 @@ pub(super) async fn run_jsconsume(
     if !reused {
         recreate_stream(&mut conn, options, deadline).await?;
         let progress = Progress::start(options.progress, options.msgs, "stored", deadline);
-        let outcome = publish_acked(&mut conn, options, deadline, Some(&progress)).await;
+        let outcome = publish_acked(
+            &mut conn,
+            options,
+            options.msgs,
+            deadline,
+            Some(&progress.count),
+        )
+        .await;
         progress.finish();
         errors.extend(outcome.errors.iter().cloned());
         if outcome.acked < options.msgs {
@@ -298,6 +332,21 @@ struct Published {
     errors: Vec<String>,
 }
 
+impl Published {
+    /// The outcome of publishers that ran side by side: counts add up, the
+    /// time is the slowest one's.
+    fn merge(mut self, other: Published) -> Published {
+        self.sent += other.sent;
+        self.acked += other.acked;
+        self.failed += other.failed;
+        self.secs = self.secs.max(other.secs);
+        // Both histograms have the same bounds (`new_histogram`).
+        let _ = self.latencies.add(&other.latencies);
+        push_error(&mut self.errors, other.errors);
+        self
+    }
+}
+
 /// A PubAck: `{"stream":..,"seq":..}` or `{"error":{..}}`.
 #[derive(Deserialize)]
 struct PubAck {
@@ -311,8 +360,9 @@ struct PubAck {
 async fn publish_acked(
     conn: &mut Connection,
     options: &BenchOptions,
+    msgs: u64,
     deadline: Instant,
-    progress: Option<&Progress>,
+    progress: Option<&AtomicU64>,
 ) -> Published {
     let window = options.window.max(1) as u64;
     let mut reply = Vec::with_capacity(64);
@@ -336,9 +386,9 @@ async fn publish_acked(
     let start = Instant::now();
     let mut last = start;
     let mut reported = 0;
-    'run: while out.acked + out.failed < options.msgs {
+    'run: while out.acked + out.failed < msgs {
         // Top the window up; the PUBs go out together at the wait below.
-        while out.sent < options.msgs && out.sent - out.acked - out.failed < window {
+        while out.sent < msgs && out.sent - out.acked - out.failed < window {
             let seq = out.sent;
             if let Some(stamp) = payload.get_mut(..8) {
                 stamp.copy_from_slice(&seq.to_le_bytes());
@@ -404,8 +454,7 @@ async fn publish_acked(
         }
         if let Some(p) = progress {
             let done = out.acked + out.failed;
-            p.count
-                .fetch_add(done - reported, std::sync::atomic::Ordering::Relaxed);
+            p.fetch_add(done - reported, std::sync::atomic::Ordering::Relaxed);
             reported = done;
         }
     }
