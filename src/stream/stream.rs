@@ -42,8 +42,15 @@ const INGEST_QUEUE: usize = 65_536;
 /// ...and their bytes: beyond either, publishers get a 429 instead of the
 /// queue growing.
 const INGEST_MAX_BYTES: usize = 64 * 1024 * 1024;
-/// Most messages stored (and fsynced) as one batch.
+/// Most messages stored as one batch...
 const BATCH_MAX: usize = 4096;
+/// ...and most payload bytes, past which a batch is cut even if more
+/// messages wait. A batch is fsynced only once it is written, so the write
+/// of a large one would delay its fsync; batches of about this size let
+/// the fsync of one run while the next is written (the fsync covers every
+/// batch written meanwhile, so cutting does not multiply fsyncs). Small
+/// messages still fill a batch by count.
+const BATCH_MAX_BYTES: usize = 64 * 1024;
 
 /// What is persisted about the stream itself.
 #[derive(Serialize, Deserialize)]
@@ -967,7 +974,8 @@ fn fail_all(group: &mut [Written], error: &ApiError) {
 /// (their bytes still count against [`INGEST_MAX_BYTES`] until answered).
 const WRITTEN_MAX: usize = 8;
 
-/// Takes what has queued up (at most [`BATCH_MAX`]) as one batch, writes
+/// Takes what has queued up (at most [`BATCH_MAX`] messages or about
+/// [`BATCH_MAX_BYTES`]) as one batch, writes
 /// it, and passes it on to [`answer_loop`].
 ///
 /// Publish-to-ack latency is timed from one clock read per batch, not per
@@ -976,7 +984,7 @@ const WRITTEN_MAX: usize = 8;
 /// (it came while the previous batch was being written) starts when the
 /// previous batch was taken. That start is never later than the message's
 /// arrival, so the figure errs on the slow side by at most one batch write,
-/// except after a batch cut at [`BATCH_MAX`], whose leftovers may be older
+/// except after a batch cut at its limits, whose leftovers may be older
 /// than that.
 async fn ingest_loop(
     stream: Weak<Stream>,
@@ -1001,10 +1009,14 @@ async fn ingest_loop(
                 (m, std::time::Instant::now())
             }
         };
+        let mut bytes = first.payload().len();
         let mut batch = vec![first];
-        while batch.len() < BATCH_MAX {
+        while batch.len() < BATCH_MAX && bytes < BATCH_MAX_BYTES {
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => {
+                    bytes += m.payload().len();
+                    batch.push(m);
+                }
                 Err(_) => break,
             }
         }
