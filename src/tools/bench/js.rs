@@ -85,15 +85,14 @@ pub(super) async fn run_jspub(
             })
         })
         .collect();
-    let mut outcome: Option<Published> = None;
+    let mut outcomes = Vec::with_capacity(runs.len());
     for run in runs {
-        let one = run.await?;
-        outcome = Some(match outcome {
-            Some(all) => all.merge(one),
-            None => one,
-        });
+        outcomes.push(run.await?);
     }
-    let outcome = outcome.ok_or_else(|| BenchError::Options("--pubs must be at least 1".into()))?;
+    let outcome = outcomes
+        .into_iter()
+        .reduce(Published::merge)
+        .ok_or_else(|| BenchError::Options("--pubs must be at least 1".into()))?;
     progress.finish();
 
     let published = Side {
