@@ -72,7 +72,7 @@ pub enum Scenario {
     Reqrep,
     /// N idle connections with one subscription each.
     Conns,
-    /// Publishes to a durable stream, with a window of outstanding PubAcks.
+    /// N publishers to a durable stream, each with a window of outstanding PubAcks.
     #[value(name = "jspub")]
     JsPub,
     /// Pulls and acks a stream's messages through a durable consumer.
