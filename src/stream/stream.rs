@@ -691,8 +691,8 @@ impl Stream {
         for written in group {
             // Before the answers go out: a publisher that has its PubAck
             // finds the budget already given back.
-            let bytes: usize = written.batch.iter().map(|m| m.payload().len()).sum();
-            self.ingest_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.ingest_bytes
+                .fetch_sub(written.bytes, Ordering::Relaxed);
             let acked = self.answer(&written.batch, &written.results);
             if let Some(js) = js.as_ref().filter(|_| acked && written.stored_any()) {
                 js.latency.publish_ack.observe(written.received.elapsed());
@@ -736,7 +736,12 @@ impl Stream {
     /// Checks and stages every message of `batch` in one store writer, then
     /// commits them together: one write for the batch, not one per message.
     /// Runs on the blocking pool.
-    fn write_batch(&self, batch: Vec<Message>, received: std::time::Instant) -> Written {
+    fn write_batch(
+        &self,
+        batch: Vec<Message>,
+        bytes: usize,
+        received: std::time::Instant,
+    ) -> Written {
         let results = self.store_all(&batch);
         if self.config.read().retention == Retention::Interest {
             // A message no consumer wants is done as soon as it is stored:
@@ -751,6 +756,7 @@ impl Stream {
         }
         Written {
             batch,
+            bytes,
             results,
             received,
         }
@@ -947,6 +953,9 @@ impl InternalSubscriber for Ingest {
 /// A batch written to the store, with each publish's outcome so far.
 struct Written {
     batch: Vec<Message>,
+    /// The batch's payload bytes: its share of [`INGEST_MAX_BYTES`], given
+    /// back when it is answered.
+    bytes: usize,
     results: Vec<Result<PubAck, ApiError>>,
     /// When the ingest task saw the batch's oldest message (see
     /// [`ingest_loop`]), for the publish-to-ack latency.
@@ -1024,7 +1033,8 @@ async fn ingest_loop(
         let Some(s) = stream.upgrade() else {
             return;
         };
-        let Ok(written) = tokio::task::spawn_blocking(move || s.write_batch(batch, received)).await
+        let Ok(written) =
+            tokio::task::spawn_blocking(move || s.write_batch(batch, bytes, received)).await
         else {
             tracing::error!("stream ingest batch panicked");
             continue;
