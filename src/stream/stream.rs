@@ -1036,7 +1036,12 @@ async fn ingest_loop(
         let Ok(written) =
             tokio::task::spawn_blocking(move || s.write_batch(batch, bytes, received)).await
         else {
-            tracing::error!("stream ingest batch panicked");
+            tracing::error!("stream ingest batch panicked, its publishes are not acknowledged");
+            // It will never be answered: give its share of the budget back
+            // here, or the stream would refuse more publishes for good.
+            if let Some(s) = stream.upgrade() {
+                s.ingest_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            }
             continue;
         };
         if written_tx.send(written).await.is_err() {
