@@ -40,7 +40,8 @@ use crate::client::{self, ClientShared, CloseReason, Counts, WakeList};
 use crate::cluster::{names_queue, Cluster, Route};
 use crate::config::Config;
 use crate::protocol::{encode_info, Limits, Message, ServerInfo};
-use crate::stream::JetStream;
+use crate::store::StoreError;
+use crate::stream::{JetStream, JetStreamError};
 use crate::sublist::{InvalidSubject, Sublist};
 use crate::subscription::{Delivery, InternalSubscriber, Scope, Subscriber, Subscription};
 use crate::tls::{ReloadableTls, ServerTls};
@@ -100,8 +101,7 @@ impl Server {
         tracing::info!("Starting skiff {}", env!("CARGO_PKG_VERSION"));
         tracing::info!("  Server ID: {}", state.info.server_id);
         if state.config.jetstream.enabled {
-            let js = JetStream::start(&state, &state.config.jetstream)?;
-            let _ = state.jetstream.set(js);
+            start_jetstream(&state).await?;
         }
         if state.tls.is_some() {
             tracing::info!("TLS required for client connections");
@@ -254,8 +254,9 @@ impl ServerHandle {
         tracing::info!("Initiating Shutdown...");
         self.state.shutdown.cancel();
         let _ = self.accept.await;
-        if let Some(js) = self.state.jetstream.get() {
-            js.shutdown();
+        if let Some(js) = self.state.jetstream.get().cloned() {
+            // Its last fsync blocks: not on a worker thread.
+            let _ = tokio::task::spawn_blocking(move || js.shutdown()).await;
         }
         self.state.tasks.close();
         self.state.tasks.wait().await;
@@ -335,6 +336,10 @@ pub(crate) struct ServerState {
     pub clients: DashMap<u64, Arc<ClientShared>>,
     /// Durable streams, when enabled.
     pub jetstream: OnceLock<Arc<JetStream>>,
+    /// Why durable streams are enabled but out of service: their store
+    /// could not be opened (damaged files). The server runs on without
+    /// them, answering the API with the reason.
+    pub jetstream_offline: OnceLock<String>,
     /// Routes to peer nodes, when `[cluster]` is configured.
     pub cluster: OnceLock<Arc<Cluster>>,
     pub stats: ServerStats,
@@ -392,6 +397,7 @@ impl ServerState {
             sublist: Sublist::new(),
             clients: DashMap::new(),
             jetstream: OnceLock::new(),
+            jetstream_offline: OnceLock::new(),
             cluster: OnceLock::new(),
             stats: ServerStats::new(),
             next_client_id: AtomicU64::new(1),
@@ -760,6 +766,31 @@ impl<'a> Forwards<'a> {
 
 /// Accepts clients until shutdown or lame duck mode; the listener closes
 /// when it returns, so connection attempts are refused from then on.
+/// Opens the store and starts durable streams, on a blocking thread (opening
+/// reads and checks files). A store whose files are damaged does not stop
+/// the server: it starts without streams, says why in its log, in every
+/// API answer and in `/healthz`, and keeps the files as they are.
+async fn start_jetstream(state: &Arc<ServerState>) -> Result<(), StartError> {
+    let opening = Arc::clone(state);
+    let started =
+        tokio::task::spawn_blocking(move || JetStream::start(&opening, &opening.config.jetstream))
+            .await
+            .map_err(|e| JetStreamError::Thread(std::io::Error::other(e.to_string())))?;
+    match started {
+        Ok(js) => {
+            let _ = state.jetstream.set(js);
+        }
+        Err(JetStreamError::Store(e @ StoreError::Corrupt { .. })) => {
+            let reason = e.to_string();
+            tracing::error!("JetStream is offline: {reason}");
+            crate::stream::serve_offline(state, &reason);
+            let _ = state.jetstream_offline.set(reason);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {

@@ -73,8 +73,13 @@ pub(super) fn healthz(monitor: &Monitor) -> Response<Full<Bytes>> {
     } else if state.lame_duck.load(std::sync::atomic::Ordering::Relaxed) {
         // Clients are being moved away: so should new traffic be.
         Err("server is in lame duck mode".to_string())
+    } else if let Some(reason) = state.jetstream_offline.get() {
+        Err(format!("JetStream is offline: {reason}"))
     } else if let Some(js) = state.jetstream.get() {
-        monitor.health.store(js.store_dir())
+        match js.offline_streams().first() {
+            Some((name, reason)) => Err(format!("stream {name} is offline: {reason}")),
+            None => monitor.health.store(js.store_dir()),
+        }
     } else {
         Ok(())
     };

@@ -47,6 +47,10 @@ pub(super) struct Jsz {
     now: String,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     disabled: bool,
+    /// Skiff's own: what is out of service and why. `"$JS"` when the
+    /// whole store could not be opened, else each stream that could not.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    offline: Vec<Offline>,
     #[serde(skip_serializing_if = "Option::is_none")]
     config: Option<JsConfig>,
     memory: u64,
@@ -101,9 +105,20 @@ struct StreamDetail {
     consumer_detail: Option<Vec<ConsumerInfo>>,
 }
 
+#[derive(Serialize)]
+pub(super) struct Offline {
+    name: String,
+    reason: String,
+}
+
 pub(super) fn jsz(monitor: &Monitor, options: &Options) -> Jsz {
     let state = &monitor.state;
     let js = state.jetstream.get();
+    let offline = match (state.jetstream_offline.get(), js) {
+        (Some(reason), _) => vec![("$JS".to_string(), reason.clone())],
+        (None, Some(js)) => js.offline_streams(),
+        (None, None) => Vec::new(),
+    };
     let usage = js.map(|js| js.usage()).unwrap_or_default();
     let config = js.map(|js| js_config(js));
     let account_details = js.filter(|_| options.accounts).map(|js| {
@@ -126,6 +141,10 @@ pub(super) fn jsz(monitor: &Monitor, options: &Options) -> Jsz {
         server_id: state.info.server_id.clone(),
         now: rfc3339(std::time::SystemTime::now()),
         disabled: js.is_none(),
+        offline: offline
+            .into_iter()
+            .map(|(name, reason)| Offline { name, reason })
+            .collect(),
         config,
         memory: usage.memory,
         storage: usage.storage,

@@ -289,7 +289,10 @@ fn decode_summary(v: &[u8], commits: u64) -> Option<Vec<(Bytes, SubjectState)>> 
 /// damage would lose writes that `sync` had confirmed. So after each fsync
 /// the leader writes the synced generation to a marker file (no fsync of
 /// its own: a stale marker only weakens the check), and opening refuses a
-/// database whose recovered generation is below the marker's.
+/// database whose recovered generation is below the marker's. The marker
+/// is advisory: opening writes it whole (temp file, rename) before it is
+/// ever rewritten in place, and one that cannot be read (a crash or power
+/// loss at the wrong moment) is logged and skips the check, never the start.
 pub struct SyncGroup {
     db: Database,
     catalog: Keyspace,
@@ -329,20 +332,36 @@ impl SyncGroup {
         let path = dir.join(MARKER_FILE);
         let io = |context: &str| io_error(format!("{context} {}", path.display()));
         let synced = match std::fs::read(&path) {
-            Ok(bytes) => decode_marker(&bytes)?,
+            Ok(bytes) => match decode_marker(&bytes) {
+                Some(synced) => synced,
+                // Advisory: a crash before its first write leaves it empty,
+                // a torn write may leave it short. Only the check is lost.
+                None => {
+                    tracing::warn!(
+                        "{} is unreadable ({} bytes); not checking this start for lost writes",
+                        path.display(),
+                        bytes.len()
+                    );
+                    0
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io("read")(e)),
         };
         if recovered < synced {
             return Err(StoreError::corrupt(format!(
                 "database in {} recovered writes up to #{recovered}, but #{synced} were \
-                 confirmed durable: its journal is damaged",
-                dir.display()
+                 confirmed durable: its journal is damaged (to open what remains, \
+                 accepting the loss, remove {})",
+                dir.display(),
+                path.display()
             )));
         }
+        // Written whole before it is ever rewritten in place, so that the
+        // file never exists without a readable generation in it.
+        crate::fsutil::write_atomically(&path, &encode_marker(recovered), None)
+            .map_err(io("write"))?;
         let marker = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
             .write(true)
             .open(&path)
             .map_err(io("open"))?;
@@ -441,10 +460,10 @@ fn encode_marker(synced: u64) -> [u8; 16] {
     v
 }
 
-fn decode_marker(v: &[u8]) -> Result<u64> {
+fn decode_marker(v: &[u8]) -> Option<u64> {
     match (be_u64(v, 0), be_u64(v, 8)) {
-        (Some(a), Some(b)) if v.len() == 16 && a == !b => Ok(a),
-        _ => Err(StoreError::corrupt(format!("{MARKER_FILE} is damaged"))),
+        (Some(a), Some(b)) if v.len() == 16 && a == !b => Some(a),
+        _ => None,
     }
 }
 
@@ -568,9 +587,11 @@ impl Shared {
         }
     }
 
-    /// Registers a new stream. Its keyspaces are created first: a crash in
-    /// between leaves orphans, which the next open deletes.
-    fn create_stream(&self, name: &str) -> Result<u64> {
+    /// Registers a new stream, with its own record (`meta`) in the same
+    /// atomic batch: a stream is never found without the config it was
+    /// created with. Its keyspaces are created first: a crash in between
+    /// leaves orphans, which the next open deletes.
+    fn create_stream(&self, name: &str, meta: Option<&[u8]>) -> Result<u64> {
         let id = match self
             .catalog
             .get(NEXT_ID)
@@ -579,10 +600,12 @@ impl Shared {
             Some(v) => be_u64(&v, 0).ok_or_else(|| StoreError::corrupt("catalog next_id"))?,
             None => 1,
         };
-        for ks in keyspace_names(id) {
-            self.keyspace(&ks)?;
-        }
+        let [.., records] = keyspace_names(id).map(|ks| self.keyspace(&ks));
+        let records = records?;
         let mut batch = self.db.batch();
+        if let Some(meta) = meta {
+            batch.insert(&records, META_KEY, meta);
+        }
         batch.insert(&self.catalog, stream_key(name), id.to_be_bytes());
         batch.insert(&self.catalog, NEXT_ID, (id + 1).to_be_bytes());
         self.sync.commit(batch, "write catalog".into())?;
@@ -711,12 +734,7 @@ impl FileStorage {
     /// record: `open_stream(name, default)` then `load_meta` and
     /// `update_limits`.
     pub fn open_stream(&self, name: &str, limits: StoreLimits) -> Result<Arc<FileStore>> {
-        if name.is_empty() || name.len() > 255 {
-            return Err(StoreError::Invalid(format!(
-                "stream name length {} not in 1..=255",
-                name.len()
-            )));
-        }
+        check_stream_name(name)?;
         let mut open = self.shared.open.lock();
         if let Some(store) = open.get(name).and_then(Weak::upgrade) {
             // Not under the registry lock: `remove` takes the engine's lock
@@ -727,13 +745,38 @@ impl FileStorage {
         }
         let id = match self.shared.stream_id(name)? {
             Some(id) => id,
-            None => self.shared.create_stream(name)?,
+            None => self.shared.create_stream(name, None)?,
         };
-        let backend = FileBackend::open(self.shared.clone(), name, id)?;
-        let recovered = backend.recover()?;
-        let store = Arc::new(StreamEngine::recover(backend, limits, recovered)?);
+        let store = self.start_stream(name, id, limits)?;
         open.insert(name.to_string(), Arc::downgrade(&store));
         Ok(store)
+    }
+
+    /// Creates stream `name` with its own record (see
+    /// [`StreamStore::save_meta`]) in one atomic, synced write, so that a
+    /// crash leaves either no stream or one with its config. Fails with
+    /// [`StoreError::Invalid`] if the stream exists.
+    pub fn create_stream(
+        &self,
+        name: &str,
+        limits: StoreLimits,
+        meta: &[u8],
+    ) -> Result<Arc<FileStore>> {
+        check_stream_name(name)?;
+        let mut open = self.shared.open.lock();
+        if self.shared.stream_id(name)?.is_some() {
+            return Err(StoreError::Invalid(format!("stream {name} exists")));
+        }
+        let id = self.shared.create_stream(name, Some(meta))?;
+        let store = self.start_stream(name, id, limits)?;
+        open.insert(name.to_string(), Arc::downgrade(&store));
+        Ok(store)
+    }
+
+    fn start_stream(&self, name: &str, id: u64, limits: StoreLimits) -> Result<Arc<FileStore>> {
+        let backend = FileBackend::open(self.shared.clone(), name, id)?;
+        let recovered = backend.recover()?;
+        Ok(Arc::new(StreamEngine::recover(backend, limits, recovered)?))
     }
 
     /// Deletes stream `name` and all its data; `false` if there was none.
@@ -766,6 +809,16 @@ impl FileStorage {
     pub fn sync_count(&self) -> u64 {
         self.shared.sync.sync_count()
     }
+}
+
+fn check_stream_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(StoreError::Invalid(format!(
+            "stream name length {} not in 1..=255",
+            name.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The storage primitives of [`FileStore`]: one stream's keyspaces.

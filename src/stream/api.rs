@@ -465,6 +465,25 @@ impl ApiError {
     pub fn store_failed(e: impl std::fmt::Display) -> ApiError {
         ApiError::new(503, 10077, e.to_string())
     }
+
+    /// JSStreamGeneralErrorF: nats-server has no code of its own for it.
+    pub fn encoding_failed(e: impl std::fmt::Display) -> ApiError {
+        ApiError::new(500, 10051, format!("cannot encode JSON: {e}"))
+    }
+
+    /// JSStreamOfflineErr, with why the stream could not be opened.
+    pub fn stream_offline(reason: &str) -> ApiError {
+        ApiError::new(500, 10118, format!("stream is offline: {reason}"))
+    }
+
+    /// JetStream as a whole could not start (its store did not open).
+    pub fn jetstream_offline(reason: &str) -> ApiError {
+        ApiError::new(
+            503,
+            10008,
+            format!("JetStream system temporarily unavailable: {reason}"),
+        )
+    }
 }
 
 /// A reply: the body's fields flattened beside `type`, or `error`.
@@ -482,15 +501,29 @@ pub fn reply_json<T: Serialize>(kind: &str, result: Result<T, ApiError>) -> Vec<
     struct ErrorBody {
         error: ApiError,
     }
-    let encoded = match result {
-        Ok(body) => serde_json::to_vec(&Reply { kind, body }),
-        Err(error) => serde_json::to_vec(&Reply {
+    let error_reply = |error: ApiError| {
+        serde_json::to_vec(&Reply {
             kind,
             body: ErrorBody { error },
-        }),
+        })
     };
-    // Plain structs of strings and numbers always serialise.
-    encoded.unwrap_or_default()
+    let encoded = match result {
+        Ok(body) => serde_json::to_vec(&Reply { kind, body })
+            .or_else(|e| error_reply(ApiError::encoding_failed(e))),
+        Err(error) => error_reply(error),
+    };
+    // Every request with a reply subject is answered: should even the error
+    // not serialise, a fixed one goes out.
+    encoded.unwrap_or_else(|_| {
+        br#"{"error":{"code":500,"err_code":10051,"description":"reply could not be encoded"}}"#
+            .to_vec()
+    })
+}
+
+/// A record or reply as JSON; failing to encode is an API error, never an
+/// empty record.
+pub fn to_json(value: &impl Serialize) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(value).map_err(ApiError::encoding_failed)
 }
 
 /// Whether a stream or consumer name contains `/` or `\`. Names become

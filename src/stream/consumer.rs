@@ -5,8 +5,10 @@
 //! [`Consumer::pump`], which runs on the blocking pool from the consumer's
 //! own task whenever something happened (a new message, a pull request, an
 //! ack) or a deadline (redelivery, request expiry, heartbeat) passed.
-//! Handlers on publishers' tasks only queue acks and pull requests and wake
-//! the task.
+//! Handlers on clients' tasks never take that mutex (the pump holds it
+//! while it reads the store): they queue acks, pull requests and
+//! flow-control answers in the [`Inbox`], which is bounded, and wake the
+//! task.
 //!
 //! Invariants:
 //! - A message is in `pending` from its delivery until it is acked, termed,
@@ -14,7 +16,12 @@
 //!   backwards; `next_seq` only grows.
 //! - The persisted record (config, delivered, ack floor, pending and when
 //!   each pending message is due) is written after every pump that changed
-//!   it, before acks are confirmed to `AckSync` requesters.
+//!   it, outside the state lock, one writer at a time (`saved`, taken
+//!   before the state lock), so an older record never overwrites a newer.
+//! - An `AckSync` is answered only once its ack is saved (and, with
+//!   `sync = "always"`, fsynced). A failed save leaves the state unsaved,
+//!   retried every [`SAVE_RETRY`]; its `AckSync`s get no answer, so the
+//!   client's request fails instead of confirming what is not stored.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -34,7 +41,7 @@ use crate::store::{StoreError, StoredMessage, StreamStore};
 use crate::subject;
 
 use super::api::{
-    now_nanos, parse_rfc3339, rfc3339, AckPolicy, ApiError, ClusterInfo, ConsumerConfig,
+    now_nanos, parse_rfc3339, rfc3339, to_json, AckPolicy, ApiError, ClusterInfo, ConsumerConfig,
     ConsumerInfo, DeliverPolicy, NextRequest, Retention, SequenceInfo, StreamConfig,
     DEFAULT_ACK_WAIT, DEFAULT_MAX_ACK_PENDING, DEFAULT_MAX_WAITING,
 };
@@ -47,6 +54,12 @@ const PUSH_RETRY: Duration = Duration::from_millis(250);
 /// With flow control, a push consumer asks the client to confirm it keeps
 /// up after this many bytes, and waits for the answer.
 const FLOW_CONTROL_WINDOW: usize = 256 * 1024;
+/// Acks, pull requests and flow-control answers waiting for the pump. When
+/// full, more are dropped (logged): a lost ack means a redelivery, a lost
+/// `AckSync` or pull request a client timeout, never unbounded memory.
+const INBOX_LIMIT: usize = 65_536;
+/// After a failed save, the pump tries again this often.
+const SAVE_RETRY: Duration = Duration::from_secs(1);
 
 /// Sends a status message (headers only) to `target`.
 pub(crate) fn send_status(
@@ -297,7 +310,23 @@ struct AckEvent {
     reply: Option<Bytes>,
 }
 
+/// What clients' tasks hand to the pump; see the module doc.
+enum Incoming {
+    Ack(AckEvent),
+    Pull(PullRequest),
+    FlowControlAnswer(Bytes),
+}
+
+/// A bounded queue of [`Incoming`] work; see [`INBOX_LIMIT`].
+#[derive(Default)]
+struct Inbox {
+    items: VecDeque<Incoming>,
+    dropped: u64,
+}
+
 struct State {
+    /// Bumped by every change the record holds; see `Consumer::saved`.
+    version: u64,
     delivered: SequenceInfo,
     ack_floor: SequenceInfo,
     next_seq: u64,
@@ -305,8 +334,6 @@ struct State {
     pending: BTreeMap<u64, Pending>,
     redeliver: BTreeSet<u64>,
     waiting: VecDeque<PullRequest>,
-    acks: Vec<AckEvent>,
-    dirty: bool,
     last_active: Instant,
     last_delivery: Instant,
     push_retry_at: Option<Instant>,
@@ -324,6 +351,10 @@ pub(crate) struct Consumer {
     stream_name: String,
     config: RwLock<ConsumerConfig>,
     created: i64,
+    inbox: Mutex<Inbox>,
+    /// The version of the state last saved, and the lock that makes saves
+    /// one at a time (taken before `state`).
+    saved: Mutex<u64>,
     state: Mutex<State>,
     wake: Notify,
     stopped: CancellationToken,
@@ -394,7 +425,8 @@ impl Consumer {
             catch_up: catch_up.into(),
         };
         let consumer = Consumer::start(stream, record);
-        consumer.persist_durably(&mut consumer.state.lock())?;
+        // A consumer the client was told exists survives a power cut.
+        consumer.save(true)?;
         Ok(consumer)
     }
 
@@ -404,7 +436,9 @@ impl Consumer {
     ) -> Result<Arc<Consumer>, StoreError> {
         let record: Record = serde_json::from_slice(record)
             .map_err(|e| StoreError::corrupt(format!("consumer record: {e}")))?;
-        Ok(Consumer::start(stream, record))
+        let consumer = Consumer::start(stream, record);
+        *consumer.saved.lock() = consumer.state.lock().version;
+        Ok(consumer)
     }
 
     fn start(stream: &Arc<Stream>, r: Record) -> Arc<Consumer> {
@@ -416,7 +450,11 @@ impl Consumer {
             stream: Arc::downgrade(stream),
             stream_name: stream.name().to_string(),
             created: r.created,
+            inbox: Mutex::new(Inbox::default()),
+            // A restored record is saved; a created one is not yet.
+            saved: Mutex::new(0),
             state: Mutex::new(State {
+                version: 1,
                 delivered: r.delivered,
                 ack_floor: r.ack_floor,
                 next_seq: r.next_seq,
@@ -445,8 +483,6 @@ impl Consumer {
                     .collect(),
                 redeliver: BTreeSet::new(),
                 waiting: VecDeque::new(),
-                acks: Vec::new(),
-                dirty: false,
                 last_active: now,
                 last_delivery: now,
                 push_retry_at: None,
@@ -469,9 +505,8 @@ impl Consumer {
     pub(crate) fn update(&self, new: ConsumerConfig) -> Result<(), ApiError> {
         self.check_update(&new)?;
         *self.config.write() = new;
-        let mut st = self.state.lock();
-        self.persist_durably(&mut st)?;
-        drop(st);
+        self.state.lock().version += 1;
+        self.save(true)?;
         self.wake();
         Ok(())
     }
@@ -510,7 +545,14 @@ impl Consumer {
         let Some(server) = self.server() else {
             return;
         };
-        for r in self.state.lock().waiting.drain(..) {
+        let queued: Vec<PullRequest> = (self.inbox.lock().items.drain(..))
+            .filter_map(|item| match item {
+                Incoming::Pull(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let waiting: Vec<PullRequest> = self.state.lock().waiting.drain(..).collect();
+        for r in waiting.iter().chain(&queued) {
             send_status(&server, &r.reply, 409, "Consumer Deleted", &[]);
         }
     }
@@ -556,13 +598,31 @@ impl Consumer {
             "+TERM" => AckKind::Term,
             _ => return,
         };
-        let mut st = self.state.lock();
-        st.acks.push(AckEvent {
+        self.queue(Incoming::Ack(AckEvent {
             kind,
             seq,
             reply: reply.map(Bytes::copy_from_slice),
-        });
-        drop(st);
+        }));
+    }
+
+    /// Hands work to the pump (see [`Inbox`]) and wakes it.
+    fn queue(&self, item: Incoming) {
+        let mut inbox = self.inbox.lock();
+        if inbox.items.len() >= INBOX_LIMIT {
+            inbox.dropped += 1;
+            if inbox.dropped.is_power_of_two() {
+                tracing::warn!(
+                    "consumer {} of {}: {} acks or pull requests dropped, the consumer is \
+                     behind",
+                    self.name,
+                    self.stream_name,
+                    inbox.dropped
+                );
+            }
+            return;
+        }
+        inbox.items.push_back(item);
+        drop(inbox);
         self.wake();
     }
 
@@ -595,17 +655,11 @@ impl Consumer {
                 config.max_bytes
             ));
         }
-        let max_waiting = config.max_waiting.max(1) as usize;
         drop(config);
         let now = Instant::now();
-        let mut st = self.state.lock();
-        if st.waiting.len() >= max_waiting {
-            drop(st);
-            return refuse("Exceeded MaxWaiting".to_string());
-        }
         let heartbeat = (request.idle_heartbeat > 0)
             .then(|| Duration::from_nanos(request.idle_heartbeat as u64));
-        st.waiting.push_back(PullRequest {
+        self.queue(Incoming::Pull(PullRequest {
             reply: Bytes::copy_from_slice(reply),
             batch_left: request.batch.max(1),
             bytes_left: (request.max_bytes > 0).then_some(request.max_bytes),
@@ -615,10 +669,7 @@ impl Consumer {
             heartbeat,
             next_heartbeat: heartbeat.map(|h| now + h),
             delivered: 0,
-        });
-        st.last_active = now;
-        drop(st);
-        self.wake();
+        }));
     }
 
     pub(crate) fn info(&self) -> ConsumerInfo {
@@ -655,25 +706,38 @@ impl Consumer {
         }
     }
 
-    /// Persists, and with `sync = "always"` fsyncs, before the API answers:
-    /// a consumer the client was told exists must survive a power cut.
-    fn persist_durably(&self, st: &mut State) -> Result<(), ApiError> {
-        self.persist(st)?;
+    /// Saves the state if it changed since the last save, then fsyncs when
+    /// `sync`. One save at a time, outside the state lock: see the module
+    /// doc. On failure the state stays unsaved, for the next pump to retry.
+    fn save(&self, sync: bool) -> Result<(), ApiError> {
         let Some(stream) = self.stream.upgrade() else {
             return Ok(());
         };
-        if stream.js().is_some_and(|js| js.sync_always()) {
+        let mut saved = self.saved.lock();
+        let snapshot = {
+            let st = self.state.lock();
+            (st.version != *saved).then(|| (st.version, self.record(&st)))
+        };
+        if let Some((version, record)) = snapshot {
+            stream
+                .store()
+                .save_consumer(&self.name, &to_json(&record)?)
+                .map_err(ApiError::store_failed)?;
+            if !sync {
+                *saved = version;
+                return Ok(());
+            }
+            stream.store().sync().map_err(ApiError::store_failed)?;
+            *saved = version;
+        } else if sync {
             stream.store().sync().map_err(ApiError::store_failed)?;
         }
         Ok(())
     }
 
-    fn persist(&self, st: &mut State) -> Result<(), ApiError> {
-        let Some(stream) = self.stream.upgrade() else {
-            return Ok(());
-        };
+    fn record(&self, st: &State) -> Record {
         let (now, now_unix) = (Instant::now(), now_nanos());
-        let record = Record {
+        Record {
             config: self.config(),
             created: self.created,
             delivered: st.delivered,
@@ -690,12 +754,41 @@ impl Consumer {
                 .map(|(s, p)| (*s, to_unix(p.deadline, now, now_unix)))
                 .collect(),
             catch_up: st.catch_up.iter().copied().collect(),
-        };
-        st.dirty = false;
-        stream
-            .store()
-            .save_consumer(&self.name, &serde_json::to_vec(&record).unwrap_or_default())
-            .map_err(ApiError::store_failed)
+        }
+    }
+
+    /// Moves what clients queued into the state: acks to apply, pull
+    /// requests to serve (or refuse, beyond `max_waiting`), flow-control
+    /// answers.
+    fn take_inbox(
+        &self,
+        st: &mut State,
+        config: &ConsumerConfig,
+        server: &ServerState,
+        now: Instant,
+    ) -> Vec<AckEvent> {
+        let items = std::mem::take(&mut self.inbox.lock().items);
+        let mut acks = Vec::new();
+        for item in items {
+            match item {
+                Incoming::Ack(ack) => acks.push(ack),
+                Incoming::Pull(request) => {
+                    if st.waiting.len() >= config.max_waiting.max(1) as usize {
+                        send_status(server, &request.reply, 409, "Exceeded MaxWaiting", &[]);
+                    } else {
+                        st.waiting.push_back(request);
+                        st.last_active = now;
+                    }
+                }
+                Incoming::FlowControlAnswer(subject) => {
+                    if st.flow_control.as_deref() == Some(&subject[..]) {
+                        st.flow_control = None;
+                        st.flow_bytes = 0;
+                    }
+                }
+            }
+        }
+        acks
     }
 
     /// Does all pending work; returns when it next needs to run.
@@ -709,7 +802,8 @@ impl Consumer {
         let mut st = self.state.lock();
         let mut done = Vec::new();
         let mut confirm = Vec::new();
-        self.apply_acks(&mut st, &config, now, &mut done, &mut confirm);
+        let acks = self.take_inbox(&mut st, &config, &server, now);
+        self.apply_acks(&mut st, &config, acks, now, &mut done, &mut confirm);
         let expired: Vec<u64> = st
             .pending
             .iter()
@@ -728,28 +822,34 @@ impl Consumer {
                 st.last_active = now;
             }
         }
-        if st.dirty || !confirm.is_empty() {
-            if let Err(e) = self.persist(&mut st) {
-                tracing::error!("consumer {}: saving state failed: {e}", self.name);
-            }
-        }
         // Durables too, when they set a threshold (nats-server 2.9+).
         let inactive = config.inactive_threshold > 0
             && st.waiting.is_empty()
             && now.duration_since(st.last_active)
                 > Duration::from_nanos(config.inactive_threshold as u64);
-        let next = next_deadline(&st, &config);
+        let mut next = next_deadline(&st, &config);
         drop(st);
         // Retention deletes first, so that the sync below covers them too.
         for seq in done {
             stream.acknowledged(seq);
         }
-        if !confirm.is_empty() {
-            if js.sync_always() {
-                let _ = store.sync();
+        let sync = !confirm.is_empty() && js.sync_always();
+        match self.save(sync) {
+            Ok(()) => {
+                for reply in confirm {
+                    server.send_internal(&reply, &Message::new(&reply, None, None, b""));
+                }
             }
-            for reply in confirm {
-                server.send_internal(&reply, &Message::new(&reply, None, None, b""));
+            Err(e) => {
+                tracing::error!(
+                    "consumer {} of {}: saving state failed ({} double acks left unanswered): {}",
+                    self.name,
+                    self.stream_name,
+                    confirm.len(),
+                    e.description
+                );
+                let retry = now + SAVE_RETRY;
+                next = Some(next.map_or(retry, |n| n.min(retry)));
             }
         }
         if inactive {
@@ -768,12 +868,13 @@ impl Consumer {
         &self,
         st: &mut State,
         config: &ConsumerConfig,
+        acks: Vec<AckEvent>,
         now: Instant,
         done: &mut Vec<u64>,
         confirm: &mut Vec<Bytes>,
     ) {
         let ack_wait = Duration::from_nanos(config.ack_wait.max(0) as u64);
-        for ack in std::mem::take(&mut st.acks) {
+        for ack in acks {
             st.last_active = now;
             match ack.kind {
                 AckKind::Ack | AckKind::Term | AckKind::Next(_) => {
@@ -824,7 +925,7 @@ impl Consumer {
             if let (Some(reply), false) = (ack.reply, matches!(ack.kind, AckKind::Next(_))) {
                 confirm.push(reply);
             }
-            st.dirty = true;
+            st.version += 1;
         }
         // The floor: everything below the oldest unacknowledged message.
         let floor = match st.pending.iter().next() {
@@ -958,7 +1059,7 @@ impl Consumer {
             };
             if config.max_deliver > 0 && deliveries as i64 > config.max_deliver {
                 st.pending.remove(&m.seq);
-                st.dirty = true;
+                st.version += 1;
                 continue;
             }
             let size = m.payload.len() + m.subject.len();
@@ -1011,7 +1112,7 @@ impl Consumer {
                     },
                 );
             }
-            st.dirty = true;
+            st.version += 1;
             if push_target.is_none() {
                 if let Some(r) = st.waiting.front_mut() {
                     r.batch_left -= 1;
@@ -1042,13 +1143,7 @@ impl Consumer {
 
     /// The client answered a flow-control request (`$JS.FC....`).
     pub(crate) fn flow_control_answered(&self, subject: &[u8]) {
-        let mut st = self.state.lock();
-        if st.flow_control.as_deref() == Some(subject) {
-            st.flow_control = None;
-            st.flow_bytes = 0;
-            drop(st);
-            self.wake();
-        }
+        self.queue(Incoming::FlowControlAnswer(Bytes::copy_from_slice(subject)));
     }
 
     /// The next message to deliver: redeliveries first, then the

@@ -72,6 +72,10 @@ pub struct JetStream {
     server: Weak<ServerState>,
     storage: FileStorage,
     streams: RwLock<HashMap<String, Arc<Stream>>>,
+    /// Streams found in the store that could not be opened (damaged data),
+    /// with why: kept out of service, reported by the API (10118),
+    /// `/jsz` and `/healthz`, and deletable; the other streams work on.
+    offline: RwLock<HashMap<String, String>>,
     sync: SyncPolicy,
     /// `max_memory_store` and `max_file_store` (0: no limit).
     max_memory: u64,
@@ -133,6 +137,7 @@ impl JetStream {
             server: Arc::downgrade(server),
             storage,
             streams: RwLock::new(HashMap::new()),
+            offline: RwLock::new(HashMap::new()),
             sync: config.sync,
             max_memory: config.max_memory_store as u64,
             max_file: config.max_file_store as u64,
@@ -189,10 +194,14 @@ impl JetStream {
     fn restore(self: &Arc<Self>) -> Result<(), JetStreamError> {
         for name in self.storage.stream_names()? {
             match Stream::restore(self, &name) {
-                Ok(stream) => {
+                Ok(Some(stream)) => {
                     self.streams.write().insert(name, stream);
                 }
-                Err(e) => tracing::error!("stream {name} could not be restored: {e}"),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!("stream {name} is offline: it could not be opened: {e}");
+                    self.offline.write().insert(name, e.to_string());
+                }
             }
         }
         Ok(())
@@ -326,15 +335,37 @@ impl JetStream {
     }
 
     fn stream(&self, name: &str) -> Result<Arc<Stream>, ApiError> {
-        self.streams
+        if let Some(stream) = self.streams.read().get(name) {
+            return Ok(Arc::clone(stream));
+        }
+        Err(self.missing(name))
+    }
+
+    /// The error for a stream that is not in service: offline, or unknown.
+    fn missing(&self, name: &str) -> ApiError {
+        match self.offline.read().get(name) {
+            Some(reason) => ApiError::stream_offline(reason),
+            None => ApiError::stream_not_found(),
+        }
+    }
+
+    /// Streams that could not be opened, with why, sorted by name.
+    pub(crate) fn offline_streams(&self) -> Vec<(String, String)> {
+        let mut offline: Vec<_> = self
+            .offline
             .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(ApiError::stream_not_found)
+            .iter()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect();
+        offline.sort();
+        offline
     }
 
     fn create_stream(self: &Arc<Self>, config: StreamConfig) -> Result<Arc<Stream>, ApiError> {
         let config = stream::normalize(config)?;
+        if let Some(reason) = self.offline.read().get(&config.name) {
+            return Err(ApiError::stream_offline(reason));
+        }
         let streams = self.streams.read();
         if let Some(existing) = streams.get(&config.name) {
             return if existing.config() == config {
@@ -354,13 +385,15 @@ impl JetStream {
         Ok(stream)
     }
 
+    /// Deletes a stream, an offline one included (how its damaged data is
+    /// let go of).
     fn delete_stream(&self, name: &str) -> Result<(), ApiError> {
-        let stream = self
-            .streams
-            .write()
-            .remove(name)
-            .ok_or_else(ApiError::stream_not_found)?;
-        stream.stop();
+        let removed = self.streams.write().remove(name);
+        match removed {
+            Some(stream) => stream.stop(),
+            None if self.offline.write().remove(name).is_some() => {}
+            None => return Err(ApiError::stream_not_found()),
+        }
         self.storage
             .delete_stream(name)
             .map_err(|e| ApiError::new(500, 10050, e.to_string()))?;
@@ -424,6 +457,33 @@ fn overlaps<'a>(
                 .any(|ours| crate::subject::patterns_overlap(ours.as_bytes(), theirs.as_bytes()))
         })
     })
+}
+
+/// Answers every API request with why JetStream is out of service (its
+/// store could not be opened), so that clients see the reason instead of
+/// a timeout.
+pub(crate) fn serve_offline(server: &Arc<ServerState>, reason: &str) {
+    struct Offline {
+        server: Weak<ServerState>,
+        answer: Vec<u8>,
+    }
+    impl InternalSubscriber for Offline {
+        fn receive(&self, msg: &Message) -> bool {
+            if let (Some(server), Some(reply)) = (self.server.upgrade(), msg.reply()) {
+                server.send_internal(reply, &Message::new(reply, None, None, &self.answer));
+            }
+            true
+        }
+    }
+    let handler: Arc<dyn InternalSubscriber> = Arc::new(Offline {
+        server: Arc::downgrade(server),
+        answer: reply_json::<()>(
+            "io.nats.jetstream.api.v1.error_response",
+            Err(ApiError::jetstream_offline(reason)),
+        ),
+    });
+    // The subscription lives as long as the server.
+    let _ = server.subscribe_internal(&format!("{API_PREFIX}>"), Scope::Node, handler);
 }
 
 /// Receives API requests and acks on the publisher's task.
@@ -613,18 +673,27 @@ impl JetStream {
                     #[derive(Serialize)]
                     struct List {
                         streams: Vec<api::StreamInfo>,
+                        /// nats-server 2.12's: streams it cannot serve, with why.
+                        #[serde(skip_serializing_if = "HashMap::is_empty")]
+                        offline: HashMap<String, String>,
                     }
                     let names = self.stream_names(r.subject.as_deref());
                     let (total, names) = page(&names, r.offset, LIST_LIMIT);
-                    let streams = names
-                        .iter()
-                        .filter_map(|n| self.stream(n).ok()?.info(None).ok())
-                        .collect();
+                    let mut streams = Vec::new();
+                    let mut offline = HashMap::new();
+                    for name in &names {
+                        match self.stream(name).and_then(|s| s.info(None)) {
+                            Ok(info) => streams.push(info),
+                            Err(e) => {
+                                offline.insert(name.clone(), e.description);
+                            }
+                        }
+                    }
                     Paged {
                         total,
                         offset: r.offset,
                         limit: LIST_LIMIT,
-                        items: List { streams },
+                        items: List { streams, offline },
                     }
                 }),
             ),
@@ -841,6 +910,10 @@ impl JetStream {
                 })
                 .map(|s| s.name().to_string())
                 .collect();
+        // Their subjects are unknown: listed only when not filtering.
+        if subject.is_none() {
+            names.extend(self.offline.read().keys().cloned());
+        }
         names.sort();
         names
     }

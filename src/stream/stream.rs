@@ -30,7 +30,7 @@ use crate::subject;
 use crate::subscription::{InternalSubscriber, Scope, Subscription};
 
 use super::api::{
-    now_nanos, rfc3339, ApiError, ClusterInfo, ConsumerConfig, Discard, MsgGetRequest,
+    now_nanos, rfc3339, to_json, ApiError, ClusterInfo, ConsumerConfig, Discard, MsgGetRequest,
     PurgeRequest, Retention, Storage, StreamConfig, StreamInfo, StreamStateJson,
     DEFAULT_DUPLICATE_WINDOW,
 };
@@ -191,36 +191,47 @@ impl Stream {
         js: &Arc<JetStream>,
         config: StreamConfig,
     ) -> Result<Arc<Stream>, ApiError> {
-        let store: Arc<dyn StreamStore> = match config.storage {
-            Storage::File => js
-                .storage()
-                .open_stream(&config.name, store_limits(&config))
-                .map_err(|e| ApiError::new(500, 10049, e.to_string()))?,
-            Storage::Memory => Arc::new(MemoryStore::new(store_limits(&config))),
-        };
         let meta = Meta {
             config,
             created: now_nanos(),
         };
-        store
-            .save_meta(&serde_json::to_vec(&meta).unwrap_or_default())
-            .map_err(|e| ApiError::new(500, 10049, e.to_string()))?;
-        // A stream the client was told exists must survive a power cut.
-        if js.sync_always() {
-            store
-                .sync()
-                .map_err(|e| ApiError::new(500, 10049, e.to_string()))?;
-        }
+        let limits = store_limits(&meta.config);
+        let failed = |e: StoreError| ApiError::new(500, 10049, e.to_string());
+        // A stream the client was told exists survives a power cut: file
+        // streams are created with their config in one synced write.
+        let store: Arc<dyn StreamStore> = match meta.config.storage {
+            Storage::File => js
+                .storage()
+                .create_stream(&meta.config.name, limits, &to_json(&meta)?)
+                .map_err(failed)?,
+            Storage::Memory => Arc::new(MemoryStore::new(limits)),
+        };
         Ok(Stream::start(js, meta, store))
     }
 
-    /// Reopens a stream found in the store, with its consumers.
-    pub(crate) fn restore(js: &Arc<JetStream>, name: &str) -> Result<Arc<Stream>, StoreError> {
+    /// Reopens a stream found in the store, with its consumers. `None`: the
+    /// stream's creation never finished (a store written before streams
+    /// were created with their config in one write, and a crash between
+    /// the two): nothing was confirmed of it, and it is dropped.
+    pub(crate) fn restore(
+        js: &Arc<JetStream>,
+        name: &str,
+    ) -> Result<Option<Arc<Stream>>, StoreError> {
         let store = js.storage().open_stream(name, StoreLimits::default())?;
-        let meta: Meta = store
-            .load_meta()?
-            .and_then(|m| serde_json::from_slice(&m).ok())
-            .ok_or_else(|| StoreError::corrupt(format!("stream {name} has no readable config")))?;
+        let meta: Meta = match store.load_meta()? {
+            Some(m) => serde_json::from_slice(&m)
+                .map_err(|e| StoreError::corrupt(format!("stream {name}: config record: {e}")))?,
+            None if store.state().last_seq == 0 && store.load_consumers()?.is_empty() => {
+                tracing::warn!("stream {name} was never fully created; removing it");
+                store.remove()?;
+                return Ok(None);
+            }
+            None => {
+                return Err(StoreError::corrupt(format!(
+                    "stream {name} holds messages but no config record"
+                )))
+            }
+        };
         store.update_limits(store_limits(&meta.config))?;
         let store: Arc<dyn StreamStore> = store;
         let stream = Stream::start(js, meta, Arc::clone(&store));
@@ -236,7 +247,7 @@ impl Stream {
                 ),
             }
         }
-        Ok(stream)
+        Ok(Some(stream))
     }
 
     fn start(js: &Arc<JetStream>, meta: Meta, store: Arc<dyn StreamStore>) -> Arc<Stream> {
@@ -374,7 +385,8 @@ impl Stream {
             created: self.created,
         };
         self.store
-            .save_meta(&serde_json::to_vec(&meta).unwrap_or_default())
+            .save_meta(&to_json(&meta)?)
+            .and_then(|()| self.store.sync())
             .map_err(|e| ApiError::new(500, 10069, e.to_string()))?;
         if subjects_changed {
             self.subscribe();
@@ -392,8 +404,8 @@ impl Stream {
         let purged = self
             .store
             .purge(r.filter.as_deref().map(str::as_bytes), r.seq, r.keep)
+            .and_then(|purged| self.store.sync().map(|()| purged))
             .map_err(|e| ApiError::new(500, 10110, e.to_string()))?;
-        self.sync_if_always();
         Ok(purged)
     }
 
@@ -401,25 +413,17 @@ impl Stream {
         if self.config.read().deny_delete {
             return Err(ApiError::new(500, 10057, "message delete not permitted"));
         }
-        match self.store.delete(seq) {
-            Ok(true) => {
-                self.sync_if_always();
-                Ok(())
-            }
+        match self.store.delete(seq).and_then(|deleted| {
+            // An answered delete is durable, whatever `sync` says of publishes.
+            self.store.sync().map(|()| deleted)
+        }) {
+            Ok(true) => Ok(()),
             Ok(false) => Err(ApiError::new(
                 400,
                 10043,
                 format!("sequence {seq} not found"),
             )),
             Err(e) => Err(ApiError::new(500, 10057, e.to_string())),
-        }
-    }
-
-    fn sync_if_always(&self) {
-        if self.js().is_some_and(|js| js.sync_always()) {
-            if let Err(e) = self.store.sync() {
-                tracing::error!("stream {}: sync failed: {e}", self.name);
-            }
         }
     }
 
@@ -593,6 +597,7 @@ impl Stream {
         c.notify_deleted();
         self.store
             .delete_consumer(name)
+            .and_then(|_| self.store.sync())
             .map_err(ApiError::store_failed)?;
         Ok(())
     }
