@@ -21,6 +21,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use skiff::config::cluster::ClusterConfig;
 use skiff::config::http::HttpConfig;
+use skiff::store::StreamStore;
 use skiff::{Config, Server, ServerHandle, StartError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -884,4 +885,135 @@ async fn healthz_is_503_in_lame_duck_mode() {
     // The other endpoints still answer: operators watch the drain.
     assert_eq!(get(http, "/varz").await.status, 200);
     within("shutdown", server.shutdown()).await;
+}
+
+/// Starts a monitored server with streams on an existing store directory.
+async fn start_on_store(dir: &std::path::Path) -> (ServerHandle, SocketAddr) {
+    let mut config = Config::with_streams("127.0.0.1:0", dir);
+    monitored(&mut config);
+    let server = within("the server to start", Server::start(config))
+        .await
+        .expect("a damaged store never stops the server");
+    let http = server.http_addr().expect("the server serves HTTP");
+    (server, http)
+}
+
+/// A JetStream API request's JSON answer.
+async fn api(client: &async_nats::Client, subject: &str) -> Value {
+    let reply = within(
+        subject,
+        client.request(format!("$JS.API.{subject}"), "".into()),
+    )
+    .await
+    .expect("an answer");
+    serde_json::from_slice(&reply.payload).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_stream_is_offline_and_the_others_work_on() {
+    let dir = tempfile::tempdir().expect("temporary store directory");
+    {
+        let (server, _) = start_on_store(dir.path()).await;
+        let js = jetstream::new(nats(&server).await);
+        for name in ["GOOD", "BROKEN"] {
+            js.create_stream(stream::Config {
+                name: name.into(),
+                subjects: vec![format!("{}.>", name.to_lowercase())],
+                ..Default::default()
+            })
+            .await
+            .expect("stream");
+        }
+        server.shutdown().await;
+    }
+    // The stream's own record, damaged.
+    {
+        let storage = skiff::store::FileStorage::open(dir.path()).expect("store opens");
+        let broken = storage
+            .open_stream("BROKEN", Default::default())
+            .expect("stream opens");
+        broken.save_meta(b"{not json").expect("write");
+        broken.sync().expect("sync");
+    }
+    let (server, http) = start_on_store(dir.path()).await;
+    let client = nats(&server).await;
+    let info = api(&client, "STREAM.INFO.BROKEN").await;
+    assert_eq!(info["error"]["err_code"], 10118, "{info}");
+    let why = info["error"]["description"].as_str().unwrap_or("");
+    assert!(why.contains("config record"), "{info}");
+    let names = api(&client, "STREAM.NAMES").await;
+    assert_eq!(names["streams"], serde_json::json!(["BROKEN", "GOOD"]));
+    let list = api(&client, "STREAM.LIST").await;
+    assert!(list["offline"]["BROKEN"].is_string(), "{list}");
+    // The other stream takes publishes.
+    let js = jetstream::new(client.clone());
+    let ack = js.publish("good.1", "x".into()).await.unwrap().await;
+    assert_eq!(ack.expect("GOOD works").stream, "GOOD");
+
+    let health = get(http, "/healthz").await;
+    assert_eq!(health.status, 503, "{}", health.body);
+    assert!(health.body.contains("BROKEN"), "{}", health.body);
+    let jsz = get_json(http, "/jsz").await;
+    assert_eq!(jsz["offline"][0]["name"], "BROKEN", "{jsz}");
+
+    // Deleting it lets the damage go.
+    let deleted = api(&client, "STREAM.DELETE.BROKEN").await;
+    assert_eq!(deleted["success"], true, "{deleted}");
+    assert_eq!(get(http, "/healthz").await.status, 200);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_confirmed_writes_leaves_the_server_up_without_streams() {
+    let dir = tempfile::tempdir().expect("temporary store directory");
+    {
+        let (server, _) = start_on_store(dir.path()).await;
+        server.shutdown().await;
+    }
+    // The marker says far more was confirmed durable than the journal holds.
+    let claimed: u64 = 1_000_000;
+    let marker = [claimed.to_be_bytes(), (!claimed).to_be_bytes()].concat();
+    std::fs::write(dir.path().join("skiff.synced"), marker).expect("write marker");
+
+    let (server, http) = start_on_store(dir.path()).await;
+    let client = nats(&server).await;
+    let info = api(&client, "INFO").await;
+    assert_eq!(info["error"]["err_code"], 10008, "{info}");
+    assert!(
+        info["error"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("journal is damaged")),
+        "{info}"
+    );
+    // Core messaging works.
+    let mut sub = client.subscribe("core.x").await.unwrap();
+    client.publish("core.x", "hi".into()).await.unwrap();
+    assert_eq!(next_msg(&mut sub).await.payload, "hi");
+    let health = get(http, "/healthz").await;
+    assert_eq!(health.status, 503, "{}", health.body);
+    assert!(
+        health.body.contains("JetStream is offline"),
+        "{}",
+        health.body
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_empty_or_torn_sync_marker_does_not_stop_the_start() {
+    for content in [&b""[..], &b"\x00\x00\x00"[..], &[0xffu8; 16][..]] {
+        let dir = tempfile::tempdir().expect("temporary store directory");
+        std::fs::write(dir.path().join("skiff.synced"), content).expect("write marker");
+        let (server, http) = start_on_store(dir.path()).await;
+        let js = jetstream::new(nats(&server).await);
+        js.create_stream(stream::Config {
+            name: "S".into(),
+            subjects: vec!["s.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("streams work");
+        assert_eq!(get(http, "/healthz").await.status, 200);
+        server.shutdown().await;
+    }
 }

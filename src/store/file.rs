@@ -49,7 +49,7 @@ use super::engine::{
     Backend, Batch, Durability, IndexEntry, Iter, PersistedState, Recovered, StreamEngine,
     SubjectState,
 };
-use super::{Result, StoreError, StoreLimits, StoredMessage, StreamStore};
+use super::{Faults, Result, StoreError, StoreLimits, StoredMessage, StreamStore};
 
 /// A stream stored on disk; opened with [`FileStorage::open_stream`].
 pub type FileStore = StreamEngine<FileBackend>;
@@ -307,6 +307,7 @@ pub struct SyncGroup {
     dir: PathBuf,
     /// The newest journal's id and a handle on it; used by the leader only.
     journal: Mutex<Option<(u64, std::fs::File)>>,
+    faults: Faults,
 }
 
 struct SyncState {
@@ -380,6 +381,7 @@ impl SyncGroup {
             marker: Mutex::new(marker),
             dir: dir.to_path_buf(),
             journal: Mutex::new(None),
+            faults: Faults::default(),
         })
     }
 
@@ -388,6 +390,7 @@ impl SyncGroup {
         // Into the journal file before fjall lets go of the journal, so that
         // the fsync leader finds it there without taking fjall's lock.
         // (fjall's default for batches; `sync` relies on it, hence explicit.)
+        self.faults.check_commit()?;
         let mut batch = batch.durability(Some(PersistMode::Buffer));
         let mut generation = self.commit.lock();
         let next = *generation + 1;
@@ -469,6 +472,7 @@ fn decode_marker(v: &[u8]) -> Option<u64> {
 
 impl Durability for SyncGroup {
     fn sync(&self) -> Result<()> {
+        self.faults.check_sync()?;
         let target = self.committed.load(Ordering::SeqCst);
         let mut state = self.state.lock();
         loop {
@@ -609,8 +613,15 @@ impl Shared {
         batch.insert(&self.catalog, stream_key(name), id.to_be_bytes());
         batch.insert(&self.catalog, NEXT_ID, (id + 1).to_be_bytes());
         self.sync.commit(batch, "write catalog".into())?;
-        // Creating a stream is rare and the caller will rely on it.
-        self.sync.sync()?;
+        // Creating a stream is rare and the caller will rely on it. Not
+        // durable, it is taken back, so that the caller's retry can create
+        // it afresh (should that fail too, a restart finds it, complete).
+        if let Err(e) = self.sync.sync() {
+            if let Err(undo) = self.drop_stream(name, id) {
+                tracing::warn!("stream {name}: undoing an unsynced creation failed: {undo}");
+            }
+            return Err(e);
+        }
         Ok(id)
     }
 
@@ -808,6 +819,11 @@ impl FileStorage {
     /// fsyncs performed so far.
     pub fn sync_count(&self) -> u64 {
         self.shared.sync.sync_count()
+    }
+
+    /// Failures on demand, for tests (see [`Faults`]).
+    pub fn faults(&self) -> &Faults {
+        &self.shared.sync.faults
     }
 }
 

@@ -29,6 +29,7 @@
 //! server calls them from `spawn_blocking` or a dedicated thread.
 
 pub mod engine;
+pub mod faults;
 pub mod file;
 pub mod memory;
 
@@ -39,6 +40,7 @@ use bytes::Bytes;
 use crate::subject;
 
 pub use engine::StreamEngine;
+pub use faults::Faults;
 pub use file::{FileBackend, FileStorage, FileStore};
 pub use memory::{MemoryBackend, MemoryStore};
 

@@ -18,6 +18,8 @@
 
 pub mod api;
 mod consumer;
+#[cfg(test)]
+mod fault_tests;
 // One file per concern, as in nats-server: the stream itself lives in
 // `stream::stream`.
 #[allow(clippy::module_inception)]
