@@ -674,17 +674,33 @@ impl Consumer {
 
     pub(crate) fn info(&self) -> ConsumerInfo {
         let config = self.config();
-        let st = self.state.lock();
+        // Copied out, so that the count below reads the store unlocked.
+        let (
+            next_seq,
+            catch_up,
+            delivered,
+            ack_floor,
+            num_ack_pending,
+            num_redelivered,
+            num_waiting,
+        ) = {
+            let st = self.state.lock();
+            (
+                st.next_seq,
+                st.catch_up.len() as u64,
+                st.delivered,
+                st.ack_floor,
+                st.pending.len(),
+                st.pending.values().filter(|p| p.deliveries > 1).count(),
+                st.waiting.len(),
+            )
+        };
         let num_pending = self
             .stream
             .upgrade()
-            .and_then(|s| {
-                s.store()
-                    .num_pending(st.next_seq, &filter_bytes(&config))
-                    .ok()
-            })
+            .and_then(|s| s.store().num_pending(next_seq, &filter_bytes(&config)).ok())
             .unwrap_or(0)
-            + st.catch_up.len() as u64;
+            + catch_up;
         let leader = self
             .server()
             .map(|s| s.info.server_name.clone())
@@ -693,11 +709,11 @@ impl Consumer {
             stream_name: self.stream_name.clone(),
             name: self.name.clone(),
             created: rfc3339(self.created),
-            delivered: st.delivered,
-            ack_floor: st.ack_floor,
-            num_ack_pending: st.pending.len(),
-            num_redelivered: st.pending.values().filter(|p| p.deliveries > 1).count(),
-            num_waiting: st.waiting.len(),
+            delivered,
+            ack_floor,
+            num_ack_pending,
+            num_redelivered,
+            num_waiting,
             num_pending,
             cluster: ClusterInfo { leader },
             push_bound: false,
