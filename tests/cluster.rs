@@ -632,3 +632,77 @@ async fn a_seed_is_dialled_until_it_comes_up_and_again_after_it_restarts() {
     assert_eq!(text(&next_msg(&mut sub).await), "welcome");
     shutdown([a, b]).await;
 }
+
+/// The first line a server sends on a new connection to `addr`, or what it
+/// sent before closing (empty if nothing).
+async fn first_line(addr: std::net::SocketAddr) -> (Raw, String) {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Raw::connect(addr).await;
+    let mut got = Vec::new();
+    within("a line or a close", async {
+        while !got.ends_with(b"\r\n") {
+            let mut byte = [0u8; 1];
+            match raw.stream.read(&mut byte).await {
+                Ok(1) => got.push(byte[0]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    (raw, String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_before_connect_is_refused_at_once_without_buffering_it() {
+    use tokio::io::AsyncWriteExt;
+    let a = node("A", &[]).await;
+    let route_addr = a.route_addr().unwrap();
+    // A message header announcing 200 MB, then a little of it: the server
+    // refuses it at the header instead of waiting for the rest.
+    let mut raw = Raw::connect(route_addr).await;
+    assert!(raw.read_line().await.starts_with(b"INFO {"));
+    raw.send(format!("RMSG $G blob 200000000\r\n{}", "x".repeat(100)))
+        .await;
+    let rest = String::from_utf8_lossy(&raw.read_to_close().await).into_owned();
+    assert!(rest.contains("-ERR 'Maximum Payload Violation'"), "{rest:?}");
+
+    // The same, streaming the 200 MB as fast as the server takes them: it
+    // stops reading (and closes) long before.
+    let (mut raw, info) = first_line(route_addr).await;
+    assert!(info.starts_with("INFO {"), "{info}");
+    let started = std::time::Instant::now();
+    let written = within("the blob to be cut short", async {
+        let mut written = raw
+            .stream
+            .write_all(b"RMSG $G blob 200000000\r\n")
+            .await
+            .map_or(0, |_| 25);
+        let chunk = vec![b'x'; 1 << 20];
+        while written < 200_000_000 {
+            if raw.stream.write_all(&chunk).await.is_err() {
+                break;
+            }
+            written += chunk.len();
+        }
+        written
+    })
+    .await;
+    assert!(written < 32 << 20, "the server took {written} bytes");
+    // Well within the handshake timeout (5 s): refused, not timed out.
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(raw);
+
+    // A line without an end is cut off at the control line limit.
+    let (mut raw, _) = first_line(route_addr).await;
+    raw.send("x".repeat(16 * 1024)).await;
+    let rest = String::from_utf8_lossy(&raw.read_to_close().await).into_owned();
+    assert!(rest.contains("-ERR 'maximum control line exceeded'"), "{rest:?}");
+
+    // Clients are unaffected, and nothing became a route.
+    let client = nats(&a).await;
+    let mut sub = client.subscribe("alive").await.unwrap();
+    client.publish("alive", "yes".into()).await.unwrap();
+    assert_eq!(text(&next_msg(&mut sub).await), "yes");
+    assert!(a.peer_names().is_empty());
+    a.shutdown().await;
+}

@@ -16,6 +16,12 @@
 //! sends it this node's interest (`RS+` for each subject and queue group),
 //! and from then on `RS+`/`RS-`/`RMSG` flow both ways.
 //!
+//! Until the handshake is done, the peer has not proven anything (its
+//! CONNECT's credentials are not yet accepted): the connection buffers at
+//! most one control line, refuses a message (`RMSG`) at its header, and has
+//! `HANDSHAKE_TIMEOUT` to finish. The route's large limits (payloads up to
+//! `cluster.max_pending`) start with the registered route.
+//!
 //! Invariants: every interest a peer announced is a [`Subscription`] in the
 //! sublist until the route ends; cleanup removes them all (breaking the
 //! `Subscription -> Route` reference cycle) before the route is forgotten.
@@ -39,7 +45,7 @@ use super::protocol::{
 };
 use super::Cluster;
 use crate::client::{write_loop, ClientShared, CloseReason, ReadBuffer, WakeList};
-use crate::protocol::{encode_err, Message, ProtocolError, PING, PONG};
+use crate::protocol::{encode_err, Limits, Message, ProtocolError, PING, PONG};
 use crate::server::ServerState;
 use crate::subscription::{Subscriber, Subscription};
 
@@ -317,16 +323,35 @@ impl<R: AsyncRead + Unpin> Handshake<R> {
     }
 
     /// The next op, reading as needed.
+    ///
+    /// Until the handshake is done the peer is nobody: it may not make this
+    /// node hold more than one control line (INFO or CONNECT, both within
+    /// `max_control_line`). So ops are parsed with no room for a payload (an
+    /// `RMSG` announcing one is refused at its header, not awaited), and no
+    /// read takes the buffer past one control line and its CRLF: the route
+    /// limits (payloads up to `cluster.max_pending`) apply only once the
+    /// route is registered.
     async fn next_op(&mut self) -> Result<RouteOp, Outcome> {
+        let limits = Limits {
+            max_control_line: self.server.limits.max_control_line,
+            max_payload: 0,
+        };
+        let cap = limits.max_control_line.saturating_add(2);
         loop {
-            match parse_route_op(&mut self.buf.buf, &self.server.limits) {
+            match parse_route_op(&mut self.buf.buf, &limits) {
                 Ok(Some(op)) => return Ok(op),
                 Ok(None) => {}
                 Err(e) => return Err(self.refuse(&e)),
             }
-            let room = self.buf.prepare();
+            // A full buffer without a whole op: as a line too long.
+            let left = cap.saturating_sub(self.buf.buf.len());
+            if left == 0 {
+                return Err(self.refuse(&ProtocolError::MaxControlLine));
+            }
+            let room = self.buf.prepare().min(left);
+            let mut reader = (&mut self.reader).take(room as u64);
             let read = tokio::select! {
-                read = self.reader.read_buf(&mut self.buf.buf) => read,
+                read = reader.read_buf(&mut self.buf.buf) => read,
                 _ = self.server.shutdown.cancelled() => return Err(Outcome::Failed),
             };
             match read {
