@@ -706,3 +706,93 @@ async fn a_message_before_connect_is_refused_at_once_without_buffering_it() {
     assert!(a.peer_names().is_empty());
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_connections_beyond_max_routes_are_refused() {
+    let mut config = node_config("A", &[]);
+    config.cluster.as_mut().unwrap().max_routes = 2;
+    let a = Server::start(config).await.unwrap();
+    let route_addr = a.route_addr().unwrap();
+    // Two connections in their handshake hold both places.
+    let (first, line) = first_line(route_addr).await;
+    assert!(line.starts_with("INFO {"), "{line}");
+    let (_second, line) = first_line(route_addr).await;
+    assert!(line.starts_with("INFO {"), "{line}");
+    let (mut third, line) = first_line(route_addr).await;
+    assert_eq!(line, "-ERR 'maximum route connections exceeded'\r\n");
+    third.expect_closed().await;
+    // A place is freed when a connection ends.
+    drop(first);
+    eventually("a free place", WAIT, || async {
+        let (_raw, line) = first_line(route_addr).await;
+        line.starts_with("INFO {").then_some(())
+    })
+    .await;
+    // Clients are unaffected.
+    let client = nats(&a).await;
+    round_trip(&client).await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gossiping_thousands_of_addresses_gets_a_bounded_number_of_dials() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // Where the gossiped addresses lead: a listener that accepts and never
+    // answers, so each dial stays open in its handshake and is counted.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let sink = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            held.push(stream);
+        }
+    });
+    let mut config = node_config("A", &[]);
+    // Room for the big INFO below, so that gossip is what is tested.
+    config.max_control_line = 1 << 20;
+    let a = Server::start(config).await.unwrap();
+    // Distinct addresses, all on loopback (127.0.0.0/8), all reaching the
+    // listener.
+    let peers: Vec<String> = (0..2000)
+        .map(|i| {
+            format!(
+                "{{\"server_id\":\"NPEER{i}\",\"route_addr\":\"127.0.{}.{}:{port}\"}}",
+                i / 250,
+                i % 250 + 1
+            )
+        })
+        .collect();
+    let mut raw = Raw::connect(a.route_addr().unwrap()).await;
+    raw.read_line().await;
+    raw.send(format!(
+        "CONNECT {{\"server_id\":\"NGOSSIP\",\"cluster\":\"test\"}}\r\n\
+         INFO {{\"server_id\":\"NGOSSIP\",\"server_name\":\"gossip\",\"cluster\":\"test\",\
+         \"route_addr\":\"127.0.0.1:1\",\"client_addr\":\"127.0.0.1:1\",\"peers\":[{}]}}\r\n",
+        peers.join(",")
+    ))
+    .await;
+    eventually("the gossiping peer's route", WAIT, || async {
+        (a.peer_names() == ["gossip"]).then_some(())
+    })
+    .await;
+    eventually("some dials", WAIT, || async {
+        (accepted.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
+    // The dials stay open (the handshake timeout is 5 s): what arrived in a
+    // second is how many run at once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dials = accepted.load(Ordering::Relaxed);
+    // The node dials at most 32 gossiped peers at once.
+    assert!(dials <= 32, "{dials} dials at once");
+    // The node carries on.
+    let client = nats(&a).await;
+    round_trip(&client).await;
+    drop(raw);
+    a.shutdown().await;
+    sink.abort();
+}

@@ -18,7 +18,8 @@
 //!   connection dialled by the node with the smaller id and close the other.
 //! - **Dialling** ([`dial`]): seeds are dialled for as long as the node
 //!   runs; a peer learnt by gossip is re-dialled `connect_retries` times
-//!   after it drops, with backoff.
+//!   after it drops, with backoff. Dial loops for peers learnt by gossip,
+//!   and route connections (`max_routes`), are bounded in number.
 //!
 //! Lock order: `interest` before `routes`; neither is held across an
 //! `.await`.
@@ -33,8 +34,9 @@ pub use protocol::{
 };
 pub use route::Route;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -75,8 +77,11 @@ pub(crate) struct Cluster {
     interest: Mutex<HashMap<(Bytes, Option<Bytes>), u32, ahash::RandomState>>,
     /// Registered routes by peer id.
     routes: Mutex<HashMap<String, Arc<Route>>>,
-    /// Addresses a dial loop is running for.
-    dialing: Mutex<HashSet<String>>,
+    /// The dial loops running (see [`dial`] for their bound).
+    dialing: Mutex<dial::Dialing>,
+    /// Route connections open, handshakes included (at most
+    /// `config.max_routes`; see [`dial::RouteSlot`]).
+    connections: AtomicUsize,
 }
 
 impl Cluster {
@@ -121,7 +126,8 @@ impl Cluster {
             tls,
             interest: Mutex::new(HashMap::default()),
             routes: Mutex::new(HashMap::new()),
-            dialing: Mutex::new(HashSet::new()),
+            dialing: Mutex::new(dial::Dialing::default()),
+            connections: AtomicUsize::new(0),
         });
         tracing::info!(
             "Cluster {:?}: listening for route connections on {bound}",
@@ -261,7 +267,9 @@ impl Cluster {
         }
     }
 
-    /// Dials the peers `info` names that this node has no route to.
+    /// Dials the peers `info` names that this node has no route to, as many
+    /// as [`dial::MAX_LEARNT_DIALS`] allows; gossip names the others again
+    /// as routes form.
     fn learn(self: &Arc<Self>, server: &Arc<ServerState>, info: &RouteInfo) {
         let unknown: Vec<String> = {
             let routes = self.routes.lock();
@@ -271,8 +279,16 @@ impl Cluster {
                 .map(|p| p.route_addr.clone())
                 .collect()
         };
-        for addr in unknown {
-            self.dial(server, addr, None, false);
+        let named = unknown.len();
+        for (dialled, addr) in unknown.into_iter().enumerate() {
+            if !self.dial(server, addr, None, false) {
+                tracing::debug!(
+                    "Gossip named {named} peers to dial; {dialled} started, the rest wait for \
+                     a free dial ({} at most)",
+                    dial::MAX_LEARNT_DIALS
+                );
+                break;
+            }
         }
     }
 

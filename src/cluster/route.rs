@@ -554,7 +554,9 @@ impl Connection {
         );
         if dropped && !self.route.dialed {
             // The dialling side's loop redials by itself; this side learnt
-            // the peer's address from its INFO and tries it too.
+            // the peer's address from its INFO and tries it too (unless the
+            // dials for learnt peers are all taken: then the other side's
+            // loop alone brings the route back).
             self.cluster
                 .dial(&self.server, self.route.route_addr.clone(), None, false);
         }

@@ -42,6 +42,12 @@ pub struct ClusterConfig {
     /// than a client's budget: a route carries many clients' traffic.
     #[serde(deserialize_with = "de_size")]
     pub max_pending: usize,
+    /// Most route connections at once, dialled and accepted together,
+    /// counting those still in their handshake. One more accepted gets
+    /// `-ERR 'maximum route connections exceeded'`; a dial waits for its
+    /// next attempt. A full mesh needs one per peer (two for a moment when
+    /// two nodes dial each other at once).
+    pub max_routes: usize,
     /// TLS between nodes: each node presents `cert_file` and, with `verify`,
     /// requires its peer's certificate signed by `ca_file` (mutual TLS).
     /// Routes start TLS at once, before any protocol line.
@@ -61,6 +67,7 @@ impl Default for ClusterConfig {
             connect_backoff: Duration::from_millis(100),
             connect_backoff_max: Duration::from_secs(5),
             max_pending: 256 * 1024 * 1024,
+            max_routes: 256,
             tls: None,
             authorization: None,
         }
@@ -104,6 +111,9 @@ impl ClusterConfig {
             return invalid(
                 "connect_backoff must be > 0 and at most connect_backoff_max".to_string(),
             );
+        }
+        if self.max_routes == 0 {
+            return invalid("max_routes must be at least 1".to_string());
         }
         if let Some(tls) = &self.tls {
             tls.validate()?;
@@ -190,12 +200,14 @@ mod tests {
         assert_eq!((cluster.name.as_str(), cluster.routes.len()), ("east", 1));
         assert_eq!(cluster.connect_backoff, Duration::from_millis(50));
         assert_eq!(cluster.connect_retries, 10);
+        assert_eq!(cluster.max_routes, 256);
         for (bad, says) in [
             ("[cluster]\nroutes = [\"nowhere\"]\n", "nowhere"),
             ("[cluster]\nname = \"two words\"\n", "one word"),
             ("[cluster.authorization]\nuser = \"r\"\n", "both"),
             ("[cluster]\nlisten_addr = \"x\"\n", "listen_addr"),
             ("[cluster]\nmax_pending = 10\n", "max_payload"),
+            ("[cluster]\nmax_routes = 0\n", "max_routes"),
         ] {
             let err = Config::from_toml(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
