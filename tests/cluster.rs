@@ -796,3 +796,62 @@ async fn a_peer_gossiping_thousands_of_addresses_gets_a_bounded_number_of_dials(
     a.shutdown().await;
     sink.abort();
 }
+
+/// On a one-thread runtime (the server's and the test's), route passwords
+/// hashed with bcrypt (slow by design) are checked while clients are
+/// served: the checks run off the async threads.
+#[tokio::test(flavor = "current_thread")]
+async fn route_passwords_hashed_with_bcrypt_are_checked_off_the_async_threads() {
+    use skiff::config::authorization::Secret;
+    use skiff::config::cluster::RouteAuthorization;
+    use std::time::Instant;
+    let hash = bcrypt::hash("s3cret", 8).unwrap();
+    let started = Instant::now();
+    assert!(bcrypt::verify("s3cret", &hash).unwrap());
+    let one_check = started.elapsed();
+    let mut config = node_config("A", &[]);
+    config.cluster.as_mut().unwrap().authorization = Some(RouteAuthorization {
+        user: Some("route".to_string()),
+        password: Some(Secret(hash)),
+        token: None,
+    });
+    let a = Server::start(config).await.unwrap();
+    let client = nats(&a).await;
+    round_trip(&client).await;
+    let mut routes = Vec::new();
+    for _ in 0..8 {
+        let mut raw = Raw::connect(a.route_addr().unwrap()).await;
+        raw.read_line().await;
+        routes.push(raw);
+    }
+    // Eight CONNECTs at once (these writes do not wait, so the server runs
+    // only once the round trip below waits): judged on this thread, they
+    // would hold the round trip for eight times one check.
+    let started = Instant::now();
+    for (i, raw) in routes.iter_mut().enumerate() {
+        raw.send(format!(
+            "CONNECT {{\"server_id\":\"NR{i}\",\"cluster\":\"test\",\
+             \"user\":\"route\",\"pass\":\"s3cret\"}}\r\n"
+        ))
+        .await;
+    }
+    round_trip(&client).await;
+    let took = started.elapsed();
+    assert!(
+        took < one_check * 3,
+        "a round trip took {took:?} while routes were judged (one check: {one_check:?})"
+    );
+    // And the checks do accept the password.
+    routes[0]
+        .send(
+            "INFO {\"server_id\":\"NR0\",\"server_name\":\"r0\",\"cluster\":\"test\",\
+             \"route_addr\":\"127.0.0.1:1\",\"client_addr\":\"127.0.0.1:1\"}\r\n",
+        )
+        .await;
+    eventually("the route to be accepted", WAIT, || async {
+        (a.peer_names() == ["r0"]).then_some(())
+    })
+    .await;
+    drop(routes);
+    a.shutdown().await;
+}

@@ -70,8 +70,9 @@ pub(crate) struct Cluster {
     /// Where peers dial this node, and where its clients connect.
     route_addr: String,
     client_addr: String,
-    /// Checks a dialling node's credentials, when the cluster has them.
-    pub auth: Option<Authenticator>,
+    /// Checks a dialling node's credentials, when the cluster has them
+    /// (shared with the blocking pool, where the checks run).
+    pub auth: Option<Arc<Authenticator>>,
     tls: Option<dial::RouteTls>,
     /// Local subscriptions per (subject, queue): what the peers are told.
     interest: Mutex<HashMap<(Bytes, Option<Bytes>), u32, ahash::RandomState>>,
@@ -101,12 +102,12 @@ impl Cluster {
         let bound = listener.local_addr().map_err(bind_error)?;
         let tls = config.tls.as_ref().map(dial::RouteTls::load).transpose()?;
         let auth = config.authorization.as_ref().map(|a| {
-            Authenticator::new(&AuthorizationConfig {
+            Arc::new(Authenticator::new(&AuthorizationConfig {
                 user: a.user.clone(),
                 password: a.password.clone(),
                 token: a.token.clone(),
                 ..AuthorizationConfig::default()
-            })
+            }))
         });
         let client_addr = server
             .config

@@ -286,7 +286,7 @@ impl<R: AsyncRead + Unpin> Handshake<R> {
         let RouteOp::Connect(json) = self.next_op().await? else {
             return Err(self.refuse(&"expected CONNECT"));
         };
-        let connect: RouteConnect = match serde_json::from_slice(&json) {
+        let mut connect: RouteConnect = match serde_json::from_slice(&json) {
             Ok(c) => c,
             Err(e) => return Err(self.refuse(&format!("Invalid CONNECT JSON: {e}"))),
         };
@@ -297,7 +297,13 @@ impl<R: AsyncRead + Unpin> Handshake<R> {
             )));
         }
         if let Some(auth) = &self.cluster.auth {
-            if let Err(e) = auth.authenticate(&connect.credentials, None, None) {
+            // Off this worker thread: a bcrypt check takes milliseconds.
+            // The credentials are not needed after it.
+            let credentials = std::mem::take(&mut connect.credentials);
+            let judged = Arc::clone(auth)
+                .authenticate_off_thread(credentials, None, None)
+                .await;
+            if let Err(e) = judged {
                 tracing::warn!("{} - route authentication error: {e}", self.link.addr);
                 self.refuse_with(&crate::auth::AUTH_VIOLATION);
                 return Err(Outcome::Failed);
