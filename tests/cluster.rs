@@ -233,16 +233,6 @@ async fn a_queue_group_across_nodes_gets_each_message_exactly_once() {
         assert!(ready(m).is_empty(), "a message went twice");
     }
 
-    // A local member is preferred: published on A, everything stays on A.
-    for i in 0..100 {
-        clients[0]
-            .publish("work", format!("local{i}").into())
-            .await
-            .unwrap();
-    }
-    for _ in 0..100 {
-        assert!(text(&next_msg(&mut members[0]).await).starts_with("local"));
-    }
     shutdown([a, b, c, d]).await;
 }
 
@@ -633,6 +623,127 @@ async fn a_seed_is_dialled_until_it_comes_up_and_again_after_it_restarts() {
     shutdown([a, b]).await;
 }
 
+/// Queue members on `nodes` (one each, group "workers" on "work"), with
+/// every node knowing the other nodes' members.
+async fn one_member_per_node(
+    nodes: &[&ServerHandle],
+) -> (Vec<async_nats::Client>, Vec<async_nats::Subscriber>) {
+    let (mut clients, mut members) = (Vec::new(), Vec::new());
+    for n in nodes {
+        let client = nats(n).await;
+        let member = client
+            .queue_subscribe("work", "workers".into())
+            .await
+            .unwrap();
+        round_trip(&client).await;
+        clients.push(client);
+        members.push(member);
+    }
+    for n in nodes {
+        wait_for_peers_interested(n, "work", nodes.len() - 1).await;
+    }
+    (clients, members)
+}
+
+/// Publishes `n` numbered messages on "work" from `publisher`, waits until
+/// the members have them all (each exactly once) and returns how many each
+/// member got.
+async fn share_of_each_member(
+    publisher: &async_nats::Client,
+    clients: &[async_nats::Client],
+    members: &mut [async_nats::Subscriber],
+    n: usize,
+) -> Vec<usize> {
+    for i in 0..n {
+        publisher
+            .publish("work", i.to_string().into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let mut counts = vec![0; members.len()];
+    let mut seen = HashSet::new();
+    within("every queue message", async {
+        while seen.len() < n {
+            for (i, m) in members.iter_mut().enumerate() {
+                for msg in ready(m) {
+                    assert!(seen.insert(text(&msg)), "delivered twice: {}", text(&msg));
+                    counts[i] += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // Nothing more is on its way.
+    round_trip(publisher).await;
+    for client in clients {
+        round_trip(client).await;
+    }
+    for m in members.iter_mut() {
+        assert!(ready(m).is_empty(), "a message went twice");
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_members_on_every_node_share_what_one_node_publishes() {
+    let (a, b, c) = three_nodes().await;
+    let (clients, mut members) = one_member_per_node(&[&a, &b, &c]).await;
+    let counts = share_of_each_member(&clients[0], &clients, &mut members, 3000).await;
+    // A member on the publisher's node has no better chance than the others.
+    for (i, &count) in counts.iter().enumerate() {
+        assert!(
+            (600..=1410).contains(&count),
+            "member {i} got {count} of 3000: {counts:?}"
+        );
+    }
+    // A node with two members weighs two: each of the four gets a quarter.
+    members.push(
+        clients[1]
+            .queue_subscribe("work", "workers".into())
+            .await
+            .unwrap(),
+    );
+    let _sync = clients[1].subscribe("sync").await.unwrap();
+    round_trip(&clients[1]).await;
+    // One node's RS+ arrive in order: once A knows of "sync", it knows B's
+    // new weight.
+    wait_for_interest(&a, "sync").await;
+    let counts = share_of_each_member(&clients[0], &clients, &mut members, 4000).await;
+    for (i, &count) in counts.iter().enumerate() {
+        assert!(
+            (800..=1200).contains(&count),
+            "member {i} got {count} of 4000: {counts:?}"
+        );
+    }
+    shutdown([a, b, c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_members_on_the_publishers_node_can_be_preferred() {
+    let prefer_local = |name: &str, seeds: &[String]| {
+        let mut config = node_config(name, seeds);
+        config.cluster.as_mut().unwrap().prefer_local_queue_members = true;
+        Server::start(config)
+    };
+    let a = prefer_local("A", &[]).await.unwrap();
+    let b = prefer_local("B", &seed(&a)).await.unwrap();
+    let c = prefer_local("C", &seed(&a)).await.unwrap();
+    wait_for_mesh(&[&a, &b, &c]).await;
+    let (clients, mut members) = one_member_per_node(&[&a, &b, &c]).await;
+    let counts = share_of_each_member(&clients[0], &clients, &mut members, 3000).await;
+    assert_eq!(counts, [3000, 0, 0]);
+    // Published where there is no member: one of the other nodes' gets it.
+    let d = prefer_local("D", &seed(&a)).await.unwrap();
+    wait_for_mesh(&[&a, &b, &c, &d]).await;
+    wait_for_peers_interested(&d, "work", 3).await;
+    let on_d = nats(&d).await;
+    let counts = share_of_each_member(&on_d, &clients, &mut members, 300).await;
+    assert_eq!(counts.iter().sum::<usize>(), 300, "{counts:?}");
+    shutdown([a, b, c, d]).await;
+}
+
 /// The first line a server sends on a new connection to `addr`, or what it
 /// sent before closing (empty if nothing).
 async fn first_line(addr: std::net::SocketAddr) -> (Raw, String) {
@@ -664,7 +775,10 @@ async fn a_message_before_connect_is_refused_at_once_without_buffering_it() {
     raw.send(format!("RMSG $G blob 200000000\r\n{}", "x".repeat(100)))
         .await;
     let rest = String::from_utf8_lossy(&raw.read_to_close().await).into_owned();
-    assert!(rest.contains("-ERR 'Maximum Payload Violation'"), "{rest:?}");
+    assert!(
+        rest.contains("-ERR 'Maximum Payload Violation'"),
+        "{rest:?}"
+    );
 
     // The same, streaming the 200 MB as fast as the server takes them: it
     // stops reading (and closes) long before.
@@ -696,7 +810,10 @@ async fn a_message_before_connect_is_refused_at_once_without_buffering_it() {
     let (mut raw, _) = first_line(route_addr).await;
     raw.send("x".repeat(16 * 1024)).await;
     let rest = String::from_utf8_lossy(&raw.read_to_close().await).into_owned();
-    assert!(rest.contains("-ERR 'maximum control line exceeded'"), "{rest:?}");
+    assert!(
+        rest.contains("-ERR 'maximum control line exceeded'"),
+        "{rest:?}"
+    );
 
     // Clients are unaffected, and nothing became a route.
     let client = nats(&a).await;

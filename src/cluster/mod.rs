@@ -10,7 +10,8 @@
 //! - **Interest** (this file): a count per (subject, queue) of local
 //!   subscriptions. The first one for a subject sends `RS+` to every route,
 //!   the last one gone sends `RS-`; a queue group's `RS+` carries its member
-//!   count. A new route is sent the whole table when it registers, under the
+//!   count, the weight peers give this node when they pick a member of the
+//!   group cluster-wide. A new route is sent the whole table when it registers, under the
 //!   same lock that orders later changes, so no change is lost or reordered.
 //! - **Gossip**: a node's INFO lists its peers; a node that learns of one it
 //!   has no route to dials it, so a node seeded with any one member joins

@@ -471,9 +471,10 @@ impl Connection {
                 self.server
                     .route_from_peer(&message, &queues, &mut self.wakes);
             }
-            RouteOp::Interest { subject, queue } => {
-                self.add_interest(subject, queue.map(|(q, _weight)| q))?
-            }
+            RouteOp::Interest { subject, queue } => match queue {
+                Some((queue, members)) => self.add_interest(subject, Some(queue), members)?,
+                None => self.add_interest(subject, None, 1)?,
+            },
             RouteOp::NoInterest { subject, queue } => self.remove_interest(subject, queue),
             RouteOp::Ping => self.route.send(PONG),
             RouteOp::Pong => self.pings_out = 0,
@@ -498,12 +499,19 @@ impl Connection {
     }
 
     /// The peer's clients want `subject`: forward matching messages to it.
-    /// A repeated `RS+` (a queue group's new weight) changes nothing here:
-    /// the peer picks the member among its own.
-    fn add_interest(&mut self, subject: Bytes, queue: Option<Bytes>) -> Result<(), CloseReason> {
+    /// For a queue group, `members` is how many the peer has: the weight
+    /// routing gives the peer when it picks a member cluster-wide (the peer
+    /// then picks among its own). A repeated `RS+` is a new weight.
+    fn add_interest(
+        &mut self,
+        subject: Bytes,
+        queue: Option<Bytes>,
+        members: u32,
+    ) -> Result<(), CloseReason> {
         let key = (subject, queue);
         let mut subs = self.route.subs.lock();
-        if subs.contains_key(&key) {
+        if let Some(sub) = subs.get(&key) {
+            sub.set_queue_weight(members);
             return Ok(());
         }
         let sub = Arc::new(Subscription::new(
@@ -512,6 +520,8 @@ impl Connection {
             Bytes::new(),
             Subscriber::Route(Arc::clone(&self.route)),
         ));
+        // Before it is in the sublist, so no message sees a wrong weight.
+        sub.set_queue_weight(members);
         // A peer's interest is not local: the server does not tell the
         // other peers about it (`Subscription::propagates`).
         if self.server.add_subscription(&sub).is_err() {

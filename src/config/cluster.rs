@@ -48,6 +48,12 @@ pub struct ClusterConfig {
     /// next attempt. A full mesh needs one per peer (two for a moment when
     /// two nodes dial each other at once).
     pub max_routes: usize,
+    /// Queue groups: give a message to a member on this node whenever there
+    /// is one, instead of choosing among all members of the cluster, each
+    /// with the same chance (nats-server's behaviour, the default). Saves a
+    /// hop; members elsewhere then get only what is published where the
+    /// group has no member.
+    pub prefer_local_queue_members: bool,
     /// TLS between nodes: each node presents `cert_file` and, with `verify`,
     /// requires its peer's certificate signed by `ca_file` (mutual TLS).
     /// Routes start TLS at once, before any protocol line.
@@ -68,6 +74,7 @@ impl Default for ClusterConfig {
             connect_backoff_max: Duration::from_secs(5),
             max_pending: 256 * 1024 * 1024,
             max_routes: 256,
+            prefer_local_queue_members: false,
             tls: None,
             authorization: None,
         }
@@ -201,6 +208,7 @@ mod tests {
         assert_eq!(cluster.connect_backoff, Duration::from_millis(50));
         assert_eq!(cluster.connect_retries, 10);
         assert_eq!(cluster.max_routes, 256);
+        assert!(!cluster.prefer_local_queue_members);
         for (bad, says) in [
             ("[cluster]\nroutes = [\"nowhere\"]\n", "nowhere"),
             ("[cluster]\nname = \"two words\"\n", "one word"),
