@@ -8,8 +8,10 @@
 //! Routing ([`ServerState::route`]) is the one place where a published
 //! message meets subscriptions: it asks the sublist (cached) who matches and
 //! hands the message to each plain subscription and to one member of each
-//! queue group, preferring a member on this node; peers of a cluster with
-//! matching interest get it forwarded once each ([`crate::cluster`]). It
+//! queue group (chosen cluster-wide, each member with the same chance, or a
+//! member on this node first with `cluster.prefer_local_queue_members`);
+//! peers of a cluster with matching interest get it forwarded once each
+//! ([`crate::cluster`]). It
 //! holds no lock while doing so; each subscriber's queue has its own short
 //! lock.
 //!
@@ -42,7 +44,7 @@ use crate::config::Config;
 use crate::protocol::{encode_info, Limits, Message, ServerInfo};
 use crate::store::StoreError;
 use crate::stream::{JetStream, JetStreamError};
-use crate::sublist::{InvalidSubject, Sublist};
+use crate::sublist::{InvalidSubject, QueueGroup, Sublist};
 use crate::subscription::{Delivery, InternalSubscriber, Scope, Subscriber, Subscription};
 use crate::tls::{ReloadableTls, ServerTls};
 
@@ -322,6 +324,9 @@ pub(crate) struct ServerState {
     /// or not, fits in), so a peer forwarding what its clients may publish
     /// is never cut off for it.
     pub limits: Limits,
+    /// `cluster.prefer_local_queue_members`, read by routing on every
+    /// queue message (fixed: a reload may not change `[cluster]`).
+    prefer_local_queue_members: bool,
     /// What a reload may change; see [`Live`].
     live: RwLock<Arc<Live>>,
     live_version: AtomicU64,
@@ -385,6 +390,10 @@ impl ServerState {
         let live = Live::new(0, config.clone(), &info);
         let shutdown = CancellationToken::new();
         ServerState {
+            prefer_local_queue_members: config
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.prefer_local_queue_members),
             config,
             addr,
             info,
@@ -505,16 +514,54 @@ impl ServerState {
                     continue;
                 }
             }
-            if self.deliver_to_member(group, msg, &origin, wakes) {
-                delivered = true;
-            } else if origin.forwards() {
-                let member = group.pick_where(|s| s.route().is_some());
-                if let Some(route) = member.and_then(|s| s.route()) {
-                    forwards.add(route, Some(&group.name));
+            delivered |= self.deliver_to_group(group, msg, &origin, &mut forwards, wakes);
+        }
+        delivered | forwards.send(msg, wakes)
+    }
+
+    /// Gives `msg` to one member of `group`, here or (added to `forwards`)
+    /// on a peer; returns whether a member here took it.
+    ///
+    /// A message published here goes to any member cluster-wide, each with
+    /// the same chance, as nats-server does: a peer weighs as many members
+    /// as its `RS+` announced, and picks one among its own. With
+    /// `cluster.prefer_local_queue_members` (or for a message that may not
+    /// leave this node, or came from a peer) a member here is tried first.
+    /// A member here that cannot take the message (closing, at its
+    /// auto-unsubscribe limit, the publisher itself with `echo: false`)
+    /// passes it on to another one here, then to a peer.
+    fn deliver_to_group<'a>(
+        &self,
+        group: &'a QueueGroup<Arc<Subscription>>,
+        msg: &Message,
+        origin: &Origin<'_>,
+        forwards: &mut Forwards<'a>,
+        wakes: &mut WakeList,
+    ) -> bool {
+        if origin.forwards() && !self.prefer_local_queue_members {
+            if let Some(member) = group.pick_weighted(|s| s.queue_weight()) {
+                match member.route() {
+                    Some(route) => {
+                        forwards.add(route, Some(&group.name));
+                        return false;
+                    }
+                    None if origin.wants(member) && self.deliver(member, msg, wakes) => {
+                        return true;
+                    }
+                    None => {}
                 }
             }
         }
-        delivered | forwards.send(msg, wakes)
+        if self.deliver_to_member(group, msg, origin, wakes) {
+            return true;
+        }
+        if origin.forwards() {
+            let member = group.pick_where(|s| s.route().is_some());
+            if let Some(route) = member.and_then(|s| s.route()) {
+                forwards.add(route, Some(&group.name));
+            }
+        }
+        false
     }
 
     /// Hands `msg` to one local member of `group`. Members are tried in
@@ -522,7 +569,7 @@ impl ServerState {
     /// auto-unsubscribe limit) does not lose it.
     fn deliver_to_member(
         &self,
-        group: &crate::sublist::QueueGroup<Arc<Subscription>>,
+        group: &QueueGroup<Arc<Subscription>>,
         msg: &Message,
         origin: &Origin<'_>,
         wakes: &mut WakeList,

@@ -71,6 +71,27 @@ impl<T> QueueGroup<T> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         self.members.iter().filter(|m| eligible(m)).nth(n % count)
     }
+
+    /// The member for the next message, each with a share proportional to
+    /// its `weight` (a member standing for several, as a peer node's does,
+    /// weighs their number): a weighted round-robin, so shares are exact
+    /// over time. Two passes over the members, no allocation. `None` when
+    /// all weights are 0 (or they changed between the passes).
+    pub fn pick_weighted(&self, weight: impl Fn(&T) -> u32) -> Option<&T> {
+        let total: u64 = self.members.iter().map(|m| u64::from(weight(m))).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
+        for member in &self.members {
+            let w = u64::from(weight(member));
+            if at < w {
+                return Some(member);
+            }
+            at -= w;
+        }
+        None
+    }
 }
 
 /// Everything that matches one subject.
@@ -437,6 +458,24 @@ mod tests {
         let picks: Vec<u32> = (0..4).map(|_| *q.pick()).collect();
         assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 2);
         assert_eq!(picks.iter().filter(|&&p| p == 2).count(), 2);
+    }
+
+    #[test]
+    fn weighted_picks_give_each_member_its_weights_share() {
+        let s = Sublist::new();
+        for member in [1, 2, 3] {
+            s.insert(b"work", Some(b"q"), member).unwrap();
+        }
+        let m = s.matches(b"work");
+        let q = &m.queues[0];
+        // Member 3 stands for three, member 2 for none.
+        let weight = |m: &u32| if *m == 2 { 0 } else { *m };
+        let mut shares = [0; 4];
+        for _ in 0..400 {
+            shares[*q.pick_weighted(weight).unwrap() as usize] += 1;
+        }
+        assert_eq!(shares, [0, 100, 0, 300]);
+        assert!(q.pick_weighted(|_| 0).is_none());
     }
 
     #[test]

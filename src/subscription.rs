@@ -8,7 +8,7 @@
 //! interest: routing forwards to it (one `RMSG` per peer and message)
 //! instead of calling [`Subscription::deliver`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -65,6 +65,11 @@ pub struct Subscription {
     /// they pay nothing.
     deny_filter: bool,
     pub scope: Scope,
+    /// A queue member's weight when routing picks a member cluster-wide: 1
+    /// for a local member (itself), a peer's member count (its `RS+`) for a
+    /// route's. Changes while the subscription is in the sublist, hence
+    /// atomic.
+    queue_weight: AtomicU32,
 }
 
 impl PartialEq for Subscription {
@@ -100,7 +105,19 @@ impl Subscription {
             delivered: AtomicU64::new(0),
             deny_filter: false,
             scope: Scope::Cluster,
+            queue_weight: AtomicU32::new(1),
         }
+    }
+
+    /// This queue member's weight (see `queue_weight`).
+    pub fn queue_weight(&self) -> u32 {
+        self.queue_weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets a route's weight to the members its peer announced; at least 1,
+    /// since an announced group has a member.
+    pub fn set_queue_weight(&self, members: u32) {
+        self.queue_weight.store(members.max(1), Ordering::Relaxed);
     }
 
     /// Keeps news of this subscription on this node.

@@ -233,16 +233,6 @@ async fn a_queue_group_across_nodes_gets_each_message_exactly_once() {
         assert!(ready(m).is_empty(), "a message went twice");
     }
 
-    // A local member is preferred: published on A, everything stays on A.
-    for i in 0..100 {
-        clients[0]
-            .publish("work", format!("local{i}").into())
-            .await
-            .unwrap();
-    }
-    for _ in 0..100 {
-        assert!(text(&next_msg(&mut members[0]).await).starts_with("local"));
-    }
     shutdown([a, b, c, d]).await;
 }
 
@@ -631,4 +621,354 @@ async fn a_seed_is_dialled_until_it_comes_up_and_again_after_it_restarts() {
     on_b.publish("back", "welcome".into()).await.unwrap();
     assert_eq!(text(&next_msg(&mut sub).await), "welcome");
     shutdown([a, b]).await;
+}
+
+/// Queue members on `nodes` (one each, group "workers" on "work"), with
+/// every node knowing the other nodes' members.
+async fn one_member_per_node(
+    nodes: &[&ServerHandle],
+) -> (Vec<async_nats::Client>, Vec<async_nats::Subscriber>) {
+    let (mut clients, mut members) = (Vec::new(), Vec::new());
+    for n in nodes {
+        let client = nats(n).await;
+        let member = client
+            .queue_subscribe("work", "workers".into())
+            .await
+            .unwrap();
+        round_trip(&client).await;
+        clients.push(client);
+        members.push(member);
+    }
+    for n in nodes {
+        wait_for_peers_interested(n, "work", nodes.len() - 1).await;
+    }
+    (clients, members)
+}
+
+/// Publishes `n` numbered messages on "work" from `publisher`, waits until
+/// the members have them all (each exactly once) and returns how many each
+/// member got.
+async fn share_of_each_member(
+    publisher: &async_nats::Client,
+    clients: &[async_nats::Client],
+    members: &mut [async_nats::Subscriber],
+    n: usize,
+) -> Vec<usize> {
+    for i in 0..n {
+        publisher
+            .publish("work", i.to_string().into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let mut counts = vec![0; members.len()];
+    let mut seen = HashSet::new();
+    within("every queue message", async {
+        while seen.len() < n {
+            for (i, m) in members.iter_mut().enumerate() {
+                for msg in ready(m) {
+                    assert!(seen.insert(text(&msg)), "delivered twice: {}", text(&msg));
+                    counts[i] += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // Nothing more is on its way.
+    round_trip(publisher).await;
+    for client in clients {
+        round_trip(client).await;
+    }
+    for m in members.iter_mut() {
+        assert!(ready(m).is_empty(), "a message went twice");
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_members_on_every_node_share_what_one_node_publishes() {
+    let (a, b, c) = three_nodes().await;
+    let (clients, mut members) = one_member_per_node(&[&a, &b, &c]).await;
+    let counts = share_of_each_member(&clients[0], &clients, &mut members, 3000).await;
+    // A member on the publisher's node has no better chance than the others.
+    for (i, &count) in counts.iter().enumerate() {
+        assert!(
+            (600..=1410).contains(&count),
+            "member {i} got {count} of 3000: {counts:?}"
+        );
+    }
+    // A node with two members weighs two: each of the four gets a quarter.
+    members.push(
+        clients[1]
+            .queue_subscribe("work", "workers".into())
+            .await
+            .unwrap(),
+    );
+    let _sync = clients[1].subscribe("sync").await.unwrap();
+    round_trip(&clients[1]).await;
+    // One node's RS+ arrive in order: once A knows of "sync", it knows B's
+    // new weight.
+    wait_for_interest(&a, "sync").await;
+    let counts = share_of_each_member(&clients[0], &clients, &mut members, 4000).await;
+    for (i, &count) in counts.iter().enumerate() {
+        assert!(
+            (800..=1200).contains(&count),
+            "member {i} got {count} of 4000: {counts:?}"
+        );
+    }
+    shutdown([a, b, c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_members_on_the_publishers_node_can_be_preferred() {
+    let prefer_local = |name: &str, seeds: &[String]| {
+        let mut config = node_config(name, seeds);
+        config.cluster.as_mut().unwrap().prefer_local_queue_members = true;
+        Server::start(config)
+    };
+    let a = prefer_local("A", &[]).await.unwrap();
+    let b = prefer_local("B", &seed(&a)).await.unwrap();
+    let c = prefer_local("C", &seed(&a)).await.unwrap();
+    wait_for_mesh(&[&a, &b, &c]).await;
+    let (clients, mut members) = one_member_per_node(&[&a, &b, &c]).await;
+    let counts = share_of_each_member(&clients[0], &clients, &mut members, 3000).await;
+    assert_eq!(counts, [3000, 0, 0]);
+    // Published where there is no member: one of the other nodes' gets it.
+    let d = prefer_local("D", &seed(&a)).await.unwrap();
+    wait_for_mesh(&[&a, &b, &c, &d]).await;
+    wait_for_peers_interested(&d, "work", 3).await;
+    let on_d = nats(&d).await;
+    let counts = share_of_each_member(&on_d, &clients, &mut members, 300).await;
+    assert_eq!(counts.iter().sum::<usize>(), 300, "{counts:?}");
+    shutdown([a, b, c, d]).await;
+}
+
+/// The first line a server sends on a new connection to `addr`, or what it
+/// sent before closing (empty if nothing).
+async fn first_line(addr: std::net::SocketAddr) -> (Raw, String) {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Raw::connect(addr).await;
+    let mut got = Vec::new();
+    within("a line or a close", async {
+        while !got.ends_with(b"\r\n") {
+            let mut byte = [0u8; 1];
+            match raw.stream.read(&mut byte).await {
+                Ok(1) => got.push(byte[0]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    (raw, String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_before_connect_is_refused_at_once_without_buffering_it() {
+    use tokio::io::AsyncWriteExt;
+    let a = node("A", &[]).await;
+    let route_addr = a.route_addr().unwrap();
+    // A message header announcing 200 MB, then a little of it: the server
+    // refuses it at the header instead of waiting for the rest.
+    let mut raw = Raw::connect(route_addr).await;
+    assert!(raw.read_line().await.starts_with(b"INFO {"));
+    raw.send(format!("RMSG $G blob 200000000\r\n{}", "x".repeat(100)))
+        .await;
+    let rest = String::from_utf8_lossy(&raw.read_to_close().await).into_owned();
+    assert!(
+        rest.contains("-ERR 'Maximum Payload Violation'"),
+        "{rest:?}"
+    );
+
+    // The same, streaming the 200 MB as fast as the server takes them: it
+    // stops reading (and closes) long before.
+    let (mut raw, info) = first_line(route_addr).await;
+    assert!(info.starts_with("INFO {"), "{info}");
+    let started = std::time::Instant::now();
+    let written = within("the blob to be cut short", async {
+        let mut written = raw
+            .stream
+            .write_all(b"RMSG $G blob 200000000\r\n")
+            .await
+            .map_or(0, |_| 25);
+        let chunk = vec![b'x'; 1 << 20];
+        while written < 200_000_000 {
+            if raw.stream.write_all(&chunk).await.is_err() {
+                break;
+            }
+            written += chunk.len();
+        }
+        written
+    })
+    .await;
+    assert!(written < 32 << 20, "the server took {written} bytes");
+    // Well within the handshake timeout (5 s): refused, not timed out.
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(raw);
+
+    // A line without an end is cut off at the control line limit.
+    let (mut raw, _) = first_line(route_addr).await;
+    raw.send("x".repeat(16 * 1024)).await;
+    let rest = String::from_utf8_lossy(&raw.read_to_close().await).into_owned();
+    assert!(
+        rest.contains("-ERR 'maximum control line exceeded'"),
+        "{rest:?}"
+    );
+
+    // Clients are unaffected, and nothing became a route.
+    let client = nats(&a).await;
+    let mut sub = client.subscribe("alive").await.unwrap();
+    client.publish("alive", "yes".into()).await.unwrap();
+    assert_eq!(text(&next_msg(&mut sub).await), "yes");
+    assert!(a.peer_names().is_empty());
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_connections_beyond_max_routes_are_refused() {
+    let mut config = node_config("A", &[]);
+    config.cluster.as_mut().unwrap().max_routes = 2;
+    let a = Server::start(config).await.unwrap();
+    let route_addr = a.route_addr().unwrap();
+    // Two connections in their handshake hold both places.
+    let (first, line) = first_line(route_addr).await;
+    assert!(line.starts_with("INFO {"), "{line}");
+    let (_second, line) = first_line(route_addr).await;
+    assert!(line.starts_with("INFO {"), "{line}");
+    let (mut third, line) = first_line(route_addr).await;
+    assert_eq!(line, "-ERR 'maximum route connections exceeded'\r\n");
+    third.expect_closed().await;
+    // A place is freed when a connection ends.
+    drop(first);
+    eventually("a free place", WAIT, || async {
+        let (_raw, line) = first_line(route_addr).await;
+        line.starts_with("INFO {").then_some(())
+    })
+    .await;
+    // Clients are unaffected.
+    let client = nats(&a).await;
+    round_trip(&client).await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gossiping_thousands_of_addresses_gets_a_bounded_number_of_dials() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // Where the gossiped addresses lead: a listener that accepts and never
+    // answers, so each dial stays open in its handshake and is counted.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let sink = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            held.push(stream);
+        }
+    });
+    let mut config = node_config("A", &[]);
+    // Room for the big INFO below, so that gossip is what is tested.
+    config.max_control_line = 1 << 20;
+    let a = Server::start(config).await.unwrap();
+    // Distinct addresses, all on loopback (127.0.0.0/8), all reaching the
+    // listener.
+    let peers: Vec<String> = (0..2000)
+        .map(|i| {
+            format!(
+                "{{\"server_id\":\"NPEER{i}\",\"route_addr\":\"127.0.{}.{}:{port}\"}}",
+                i / 250,
+                i % 250 + 1
+            )
+        })
+        .collect();
+    let mut raw = Raw::connect(a.route_addr().unwrap()).await;
+    raw.read_line().await;
+    raw.send(format!(
+        "CONNECT {{\"server_id\":\"NGOSSIP\",\"cluster\":\"test\"}}\r\n\
+         INFO {{\"server_id\":\"NGOSSIP\",\"server_name\":\"gossip\",\"cluster\":\"test\",\
+         \"route_addr\":\"127.0.0.1:1\",\"client_addr\":\"127.0.0.1:1\",\"peers\":[{}]}}\r\n",
+        peers.join(",")
+    ))
+    .await;
+    eventually("the gossiping peer's route", WAIT, || async {
+        (a.peer_names() == ["gossip"]).then_some(())
+    })
+    .await;
+    eventually("some dials", WAIT, || async {
+        (accepted.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
+    // The dials stay open (the handshake timeout is 5 s): what arrived in a
+    // second is how many run at once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dials = accepted.load(Ordering::Relaxed);
+    // The node dials at most 32 gossiped peers at once.
+    assert!(dials <= 32, "{dials} dials at once");
+    // The node carries on.
+    let client = nats(&a).await;
+    round_trip(&client).await;
+    drop(raw);
+    a.shutdown().await;
+    sink.abort();
+}
+
+/// On a one-thread runtime (the server's and the test's), route passwords
+/// hashed with bcrypt (slow by design) are checked while clients are
+/// served: the checks run off the async threads.
+#[tokio::test(flavor = "current_thread")]
+async fn route_passwords_hashed_with_bcrypt_are_checked_off_the_async_threads() {
+    use skiff::config::authorization::Secret;
+    use skiff::config::cluster::RouteAuthorization;
+    use std::time::Instant;
+    let hash = bcrypt::hash("s3cret", 8).unwrap();
+    let started = Instant::now();
+    assert!(bcrypt::verify("s3cret", &hash).unwrap());
+    let one_check = started.elapsed();
+    let mut config = node_config("A", &[]);
+    config.cluster.as_mut().unwrap().authorization = Some(RouteAuthorization {
+        user: Some("route".to_string()),
+        password: Some(Secret(hash)),
+        token: None,
+    });
+    let a = Server::start(config).await.unwrap();
+    let client = nats(&a).await;
+    round_trip(&client).await;
+    let mut routes = Vec::new();
+    for _ in 0..8 {
+        let mut raw = Raw::connect(a.route_addr().unwrap()).await;
+        raw.read_line().await;
+        routes.push(raw);
+    }
+    // Eight CONNECTs at once (these writes do not wait, so the server runs
+    // only once the round trip below waits): judged on this thread, they
+    // would hold the round trip for eight times one check.
+    let started = Instant::now();
+    for (i, raw) in routes.iter_mut().enumerate() {
+        raw.send(format!(
+            "CONNECT {{\"server_id\":\"NR{i}\",\"cluster\":\"test\",\
+             \"user\":\"route\",\"pass\":\"s3cret\"}}\r\n"
+        ))
+        .await;
+    }
+    round_trip(&client).await;
+    let took = started.elapsed();
+    assert!(
+        took < one_check * 3,
+        "a round trip took {took:?} while routes were judged (one check: {one_check:?})"
+    );
+    // And the checks do accept the password.
+    routes[0]
+        .send(
+            "INFO {\"server_id\":\"NR0\",\"server_name\":\"r0\",\"cluster\":\"test\",\
+             \"route_addr\":\"127.0.0.1:1\",\"client_addr\":\"127.0.0.1:1\"}\r\n",
+        )
+        .await;
+    eventually("the route to be accepted", WAIT, || async {
+        (a.peer_names() == ["r0"]).then_some(())
+    })
+    .await;
+    drop(routes);
+    a.shutdown().await;
 }

@@ -14,9 +14,10 @@
 //!   [`AuthError`]'s texts name at most the user.
 //! - Plain passwords and tokens are compared in constant time (`subtle`);
 //!   bcrypt hashes (`$2a$`, `$2b$`, ...) are verified by `bcrypt`. A bcrypt
-//!   check costs milliseconds by design, so the connection judges CONNECT on
-//!   tokio's blocking pool (see `client::Connection::authenticate`), never on
-//!   a worker thread other connections share.
+//!   check costs milliseconds by design, so connections judge CONNECT on
+//!   tokio's blocking pool, never on a worker thread other connections
+//!   share: routes through [`Authenticator::authenticate_off_thread`],
+//!   clients in `client::Connection::authenticate`.
 //! - Without `[authorization]` nothing here runs: no INFO fields, no checks,
 //!   and connections carry no permissions (`None`), so they pay nothing.
 
@@ -60,6 +61,10 @@ pub enum AuthError {
     BadSignature(String),
     #[error("no user matches certificate {0:?}")]
     UnknownCertificate(String),
+    /// The check itself failed (it panicked, or the runtime is shutting
+    /// down): refused, as nothing was proven.
+    #[error("the credentials could not be checked: {0}")]
+    Unchecked(String),
 }
 
 /// A refused PUB or SUB; its `Display` is the `-ERR` text, nats-server's
@@ -259,6 +264,24 @@ impl Authenticator {
             }
             _ => Err(AuthError::BadPassword(name.to_string())),
         }
+    }
+
+    /// [`Authenticator::authenticate`] on tokio's blocking pool, for a
+    /// connection's task to await: a bcrypt check takes milliseconds by
+    /// design, which must not stall the other connections served by the
+    /// same worker thread. `connect` is handed back with the verdict.
+    pub async fn authenticate_off_thread(
+        self: Arc<Self>,
+        connect: ConnectOptions,
+        nonce: Option<String>,
+        cert: Option<PeerIdentity>,
+    ) -> Result<(Authenticated, ConnectOptions), AuthError> {
+        tokio::task::spawn_blocking(move || {
+            self.authenticate(&connect, nonce.as_deref(), cert.as_ref())
+                .map(|accepted| (accepted, connect))
+        })
+        .await
+        .unwrap_or_else(|e| Err(AuthError::Unchecked(e.to_string())))
     }
 
     fn by_nkey(

@@ -7,13 +7,25 @@
 //! successful route, then is forgotten until gossip names it again. While
 //! another route to the same peer is kept (a duplicate), the loop waits for
 //! that route to end instead of dialling.
+//!
+//! Bounds: at most [`MAX_LEARNT_DIALS`] loops for peers that are not seeds
+//! run at once, so a peer gossiping thousands of addresses costs a bounded
+//! number of tasks and sockets (the others are dialled when gossip names
+//! them again, as each new route makes its peer re-send its INFO). Every
+//! route connection, dialled or accepted, handshake included, holds a
+//! [`RouteSlot`]: at most `cluster.max_routes` at once; an accepted one
+//! beyond gets `-ERR` and is closed, a dial beyond counts as a failed
+//! attempt.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use rand::Rng;
 use rustls_pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::protocol::RouteConnect;
@@ -21,12 +33,37 @@ use super::route::{self, Outcome};
 use super::Cluster;
 use crate::config::cluster::RouteUrl;
 use crate::config::TlsConfig;
-use crate::protocol::ConnectOptions;
+use crate::protocol::{encode_err, ConnectOptions};
 use crate::server::ServerState;
 use crate::tls::{self, ServerTls};
 
 /// Longest a TCP connect to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most dial loops for peers that are not seeds (learnt by gossip, or
+/// re-dialled after their route dropped) at once. Well above what a mesh
+/// joining a node needs at a time: the rest follow as routes form.
+pub(crate) const MAX_LEARNT_DIALS: usize = 32;
+
+/// The `-ERR` text for a route connection beyond `cluster.max_routes`.
+const MAX_ROUTES_EXCEEDED: &str = "maximum route connections exceeded";
+
+/// One of the `cluster.max_routes` places for route connections, held for
+/// the connection's life and given back when dropped.
+pub(crate) struct RouteSlot(Arc<Cluster>);
+
+impl Drop for RouteSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The dial loops running: their addresses, and how many are not seeds'.
+#[derive(Default)]
+pub(crate) struct Dialing {
+    addrs: std::collections::HashSet<String>,
+    learnt: usize,
+}
 
 /// TLS for routes: the acceptor for routes dialled in, the connector for
 /// routes dialled out (presenting the same certificate, for mutual TLS).
@@ -67,9 +104,18 @@ pub(crate) async fn accept_loop(
         match accepted {
             Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
+                let Some(slot) = cluster.route_slot() else {
+                    tracing::warn!(
+                        "{remote} - {MAX_ROUTES_EXCEEDED} ({})",
+                        cluster.config.max_routes
+                    );
+                    server.spawn(refuse(stream, cluster.tls.is_none()));
+                    continue;
+                };
                 let (server2, cluster2) = (Arc::clone(&server), Arc::clone(&cluster));
                 server.spawn(async move {
                     serve_accepted(server2, cluster2, stream, remote).await;
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -78,6 +124,19 @@ pub(crate) async fn accept_loop(
             }
         }
     }
+}
+
+/// Closes a route connection beyond `max_routes`, saying why when the
+/// routes are plain text. A TLS route is closed without a word: an `-ERR`
+/// before its handshake would be garbage to it, and a handshake costs more
+/// than a refusal is worth.
+async fn refuse(mut stream: TcpStream, plain: bool) {
+    if plain {
+        let mut line = BytesMut::new();
+        encode_err(&mut line, &MAX_ROUTES_EXCEEDED);
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, stream.write_all(&line)).await;
+    }
+    let _ = tokio::time::timeout(CONNECT_TIMEOUT, stream.shutdown()).await;
 }
 
 async fn serve_accepted(
@@ -101,23 +160,54 @@ async fn serve_accepted(
 }
 
 impl Cluster {
+    /// A place for one more route connection, if there is one.
+    pub(crate) fn route_slot(self: &Arc<Self>) -> Option<RouteSlot> {
+        let max = self.config.max_routes;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(RouteSlot(Arc::clone(self)))
+    }
+
     /// Starts a dial loop for `addr` unless one runs already. `url` carries
-    /// credentials given with a seed; `forever` for seeds.
+    /// credentials given with a seed; `forever` for seeds. Returns `false`
+    /// when `addr` is not a seed and [`MAX_LEARNT_DIALS`] such loops run
+    /// already (nothing is started then).
     pub(crate) fn dial(
         self: &Arc<Self>,
         server: &Arc<ServerState>,
         addr: String,
         url: Option<RouteUrl>,
         forever: bool,
-    ) {
-        if server.shutdown.is_cancelled() || !self.dialing.lock().insert(addr.clone()) {
-            return;
+    ) -> bool {
+        if server.shutdown.is_cancelled() {
+            return true;
+        }
+        {
+            let mut dialing = self.dialing.lock();
+            if dialing.addrs.contains(&addr) {
+                return true;
+            }
+            if !forever {
+                if dialing.learnt >= MAX_LEARNT_DIALS {
+                    return false;
+                }
+                dialing.learnt += 1;
+            }
+            dialing.addrs.insert(addr.clone());
         }
         let (server2, cluster) = (Arc::clone(server), Arc::clone(self));
         server.spawn(async move {
             cluster.dial_loop(&server2, &addr, url, forever).await;
-            cluster.dialing.lock().remove(&addr);
+            let mut dialing = cluster.dialing.lock();
+            dialing.addrs.remove(&addr);
+            if !forever {
+                dialing.learnt -= 1;
+            }
         });
+        true
     }
 
     async fn dial_loop(
@@ -183,6 +273,13 @@ impl Cluster {
         addr: &str,
         connect: &RouteConnect,
     ) -> Outcome {
+        let Some(_slot) = self.route_slot() else {
+            tracing::debug!(
+                "Not dialling route {addr}: {MAX_ROUTES_EXCEEDED} ({})",
+                self.config.max_routes
+            );
+            return Outcome::Failed;
+        };
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {

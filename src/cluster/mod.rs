@@ -10,7 +10,8 @@
 //! - **Interest** (this file): a count per (subject, queue) of local
 //!   subscriptions. The first one for a subject sends `RS+` to every route,
 //!   the last one gone sends `RS-`; a queue group's `RS+` carries its member
-//!   count. A new route is sent the whole table when it registers, under the
+//!   count, the weight peers give this node when they pick a member of the
+//!   group cluster-wide. A new route is sent the whole table when it registers, under the
 //!   same lock that orders later changes, so no change is lost or reordered.
 //! - **Gossip**: a node's INFO lists its peers; a node that learns of one it
 //!   has no route to dials it, so a node seeded with any one member joins
@@ -18,7 +19,8 @@
 //!   connection dialled by the node with the smaller id and close the other.
 //! - **Dialling** ([`dial`]): seeds are dialled for as long as the node
 //!   runs; a peer learnt by gossip is re-dialled `connect_retries` times
-//!   after it drops, with backoff.
+//!   after it drops, with backoff. Dial loops for peers learnt by gossip,
+//!   and route connections (`max_routes`), are bounded in number.
 //!
 //! Lock order: `interest` before `routes`; neither is held across an
 //! `.await`.
@@ -33,8 +35,9 @@ pub use protocol::{
 };
 pub use route::Route;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -68,15 +71,19 @@ pub(crate) struct Cluster {
     /// Where peers dial this node, and where its clients connect.
     route_addr: String,
     client_addr: String,
-    /// Checks a dialling node's credentials, when the cluster has them.
-    pub auth: Option<Authenticator>,
+    /// Checks a dialling node's credentials, when the cluster has them
+    /// (shared with the blocking pool, where the checks run).
+    pub auth: Option<Arc<Authenticator>>,
     tls: Option<dial::RouteTls>,
     /// Local subscriptions per (subject, queue): what the peers are told.
     interest: Mutex<HashMap<(Bytes, Option<Bytes>), u32, ahash::RandomState>>,
     /// Registered routes by peer id.
     routes: Mutex<HashMap<String, Arc<Route>>>,
-    /// Addresses a dial loop is running for.
-    dialing: Mutex<HashSet<String>>,
+    /// The dial loops running (see [`dial`] for their bound).
+    dialing: Mutex<dial::Dialing>,
+    /// Route connections open, handshakes included (at most
+    /// `config.max_routes`; see [`dial::RouteSlot`]).
+    connections: AtomicUsize,
 }
 
 impl Cluster {
@@ -96,12 +103,12 @@ impl Cluster {
         let bound = listener.local_addr().map_err(bind_error)?;
         let tls = config.tls.as_ref().map(dial::RouteTls::load).transpose()?;
         let auth = config.authorization.as_ref().map(|a| {
-            Authenticator::new(&AuthorizationConfig {
+            Arc::new(Authenticator::new(&AuthorizationConfig {
                 user: a.user.clone(),
                 password: a.password.clone(),
                 token: a.token.clone(),
                 ..AuthorizationConfig::default()
-            })
+            }))
         });
         let client_addr = server
             .config
@@ -121,7 +128,8 @@ impl Cluster {
             tls,
             interest: Mutex::new(HashMap::default()),
             routes: Mutex::new(HashMap::new()),
-            dialing: Mutex::new(HashSet::new()),
+            dialing: Mutex::new(dial::Dialing::default()),
+            connections: AtomicUsize::new(0),
         });
         tracing::info!(
             "Cluster {:?}: listening for route connections on {bound}",
@@ -261,7 +269,9 @@ impl Cluster {
         }
     }
 
-    /// Dials the peers `info` names that this node has no route to.
+    /// Dials the peers `info` names that this node has no route to, as many
+    /// as [`dial::MAX_LEARNT_DIALS`] allows; gossip names the others again
+    /// as routes form.
     fn learn(self: &Arc<Self>, server: &Arc<ServerState>, info: &RouteInfo) {
         let unknown: Vec<String> = {
             let routes = self.routes.lock();
@@ -271,8 +281,16 @@ impl Cluster {
                 .map(|p| p.route_addr.clone())
                 .collect()
         };
-        for addr in unknown {
-            self.dial(server, addr, None, false);
+        let named = unknown.len();
+        for (dialled, addr) in unknown.into_iter().enumerate() {
+            if !self.dial(server, addr, None, false) {
+                tracing::debug!(
+                    "Gossip named {named} peers to dial; {dialled} started, the rest wait for \
+                     a free dial ({} at most)",
+                    dial::MAX_LEARNT_DIALS
+                );
+                break;
+            }
         }
     }
 

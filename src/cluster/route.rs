@@ -16,6 +16,12 @@
 //! sends it this node's interest (`RS+` for each subject and queue group),
 //! and from then on `RS+`/`RS-`/`RMSG` flow both ways.
 //!
+//! Until the handshake is done, the peer has not proven anything (its
+//! CONNECT's credentials are not yet accepted): the connection buffers at
+//! most one control line, refuses a message (`RMSG`) at its header, and has
+//! `HANDSHAKE_TIMEOUT` to finish. The route's large limits (payloads up to
+//! `cluster.max_pending`) start with the registered route.
+//!
 //! Invariants: every interest a peer announced is a [`Subscription`] in the
 //! sublist until the route ends; cleanup removes them all (breaking the
 //! `Subscription -> Route` reference cycle) before the route is forgotten.
@@ -39,7 +45,7 @@ use super::protocol::{
 };
 use super::Cluster;
 use crate::client::{write_loop, ClientShared, CloseReason, ReadBuffer, WakeList};
-use crate::protocol::{encode_err, Message, ProtocolError, PING, PONG};
+use crate::protocol::{encode_err, Limits, Message, ProtocolError, PING, PONG};
 use crate::server::ServerState;
 use crate::subscription::{Subscriber, Subscription};
 
@@ -280,7 +286,7 @@ impl<R: AsyncRead + Unpin> Handshake<R> {
         let RouteOp::Connect(json) = self.next_op().await? else {
             return Err(self.refuse(&"expected CONNECT"));
         };
-        let connect: RouteConnect = match serde_json::from_slice(&json) {
+        let mut connect: RouteConnect = match serde_json::from_slice(&json) {
             Ok(c) => c,
             Err(e) => return Err(self.refuse(&format!("Invalid CONNECT JSON: {e}"))),
         };
@@ -291,7 +297,13 @@ impl<R: AsyncRead + Unpin> Handshake<R> {
             )));
         }
         if let Some(auth) = &self.cluster.auth {
-            if let Err(e) = auth.authenticate(&connect.credentials, None, None) {
+            // Off this worker thread: a bcrypt check takes milliseconds.
+            // The credentials are not needed after it.
+            let credentials = std::mem::take(&mut connect.credentials);
+            let judged = Arc::clone(auth)
+                .authenticate_off_thread(credentials, None, None)
+                .await;
+            if let Err(e) = judged {
                 tracing::warn!("{} - route authentication error: {e}", self.link.addr);
                 self.refuse_with(&crate::auth::AUTH_VIOLATION);
                 return Err(Outcome::Failed);
@@ -317,16 +329,35 @@ impl<R: AsyncRead + Unpin> Handshake<R> {
     }
 
     /// The next op, reading as needed.
+    ///
+    /// Until the handshake is done the peer is nobody: it may not make this
+    /// node hold more than one control line (INFO or CONNECT, both within
+    /// `max_control_line`). So ops are parsed with no room for a payload (an
+    /// `RMSG` announcing one is refused at its header, not awaited), and no
+    /// read takes the buffer past one control line and its CRLF: the route
+    /// limits (payloads up to `cluster.max_pending`) apply only once the
+    /// route is registered.
     async fn next_op(&mut self) -> Result<RouteOp, Outcome> {
+        let limits = Limits {
+            max_control_line: self.server.limits.max_control_line,
+            max_payload: 0,
+        };
+        let cap = limits.max_control_line.saturating_add(2);
         loop {
-            match parse_route_op(&mut self.buf.buf, &self.server.limits) {
+            match parse_route_op(&mut self.buf.buf, &limits) {
                 Ok(Some(op)) => return Ok(op),
                 Ok(None) => {}
                 Err(e) => return Err(self.refuse(&e)),
             }
-            let room = self.buf.prepare();
+            // A full buffer without a whole op: as a line too long.
+            let left = cap.saturating_sub(self.buf.buf.len());
+            if left == 0 {
+                return Err(self.refuse(&ProtocolError::MaxControlLine));
+            }
+            let room = self.buf.prepare().min(left);
+            let mut reader = (&mut self.reader).take(room as u64);
             let read = tokio::select! {
-                read = self.reader.read_buf(&mut self.buf.buf) => read,
+                read = reader.read_buf(&mut self.buf.buf) => read,
                 _ = self.server.shutdown.cancelled() => return Err(Outcome::Failed),
             };
             match read {
@@ -440,9 +471,10 @@ impl Connection {
                 self.server
                     .route_from_peer(&message, &queues, &mut self.wakes);
             }
-            RouteOp::Interest { subject, queue } => {
-                self.add_interest(subject, queue.map(|(q, _weight)| q))?
-            }
+            RouteOp::Interest { subject, queue } => match queue {
+                Some((queue, members)) => self.add_interest(subject, Some(queue), members)?,
+                None => self.add_interest(subject, None, 1)?,
+            },
             RouteOp::NoInterest { subject, queue } => self.remove_interest(subject, queue),
             RouteOp::Ping => self.route.send(PONG),
             RouteOp::Pong => self.pings_out = 0,
@@ -467,12 +499,19 @@ impl Connection {
     }
 
     /// The peer's clients want `subject`: forward matching messages to it.
-    /// A repeated `RS+` (a queue group's new weight) changes nothing here:
-    /// the peer picks the member among its own.
-    fn add_interest(&mut self, subject: Bytes, queue: Option<Bytes>) -> Result<(), CloseReason> {
+    /// For a queue group, `members` is how many the peer has: the weight
+    /// routing gives the peer when it picks a member cluster-wide (the peer
+    /// then picks among its own). A repeated `RS+` is a new weight.
+    fn add_interest(
+        &mut self,
+        subject: Bytes,
+        queue: Option<Bytes>,
+        members: u32,
+    ) -> Result<(), CloseReason> {
         let key = (subject, queue);
         let mut subs = self.route.subs.lock();
-        if subs.contains_key(&key) {
+        if let Some(sub) = subs.get(&key) {
+            sub.set_queue_weight(members);
             return Ok(());
         }
         let sub = Arc::new(Subscription::new(
@@ -481,6 +520,8 @@ impl Connection {
             Bytes::new(),
             Subscriber::Route(Arc::clone(&self.route)),
         ));
+        // Before it is in the sublist, so no message sees a wrong weight.
+        sub.set_queue_weight(members);
         // A peer's interest is not local: the server does not tell the
         // other peers about it (`Subscription::propagates`).
         if self.server.add_subscription(&sub).is_err() {
@@ -529,7 +570,9 @@ impl Connection {
         );
         if dropped && !self.route.dialed {
             // The dialling side's loop redials by itself; this side learnt
-            // the peer's address from its INFO and tries it too.
+            // the peer's address from its INFO and tries it too (unless the
+            // dials for learnt peers are all taken: then the other side's
+            // loop alone brings the route back).
             self.cluster
                 .dial(&self.server, self.route.route_addr.clone(), None, false);
         }

@@ -42,6 +42,18 @@ pub struct ClusterConfig {
     /// than a client's budget: a route carries many clients' traffic.
     #[serde(deserialize_with = "de_size")]
     pub max_pending: usize,
+    /// Most route connections at once, dialled and accepted together,
+    /// counting those still in their handshake. One more accepted gets
+    /// `-ERR 'maximum route connections exceeded'`; a dial waits for its
+    /// next attempt. A full mesh needs one per peer (two for a moment when
+    /// two nodes dial each other at once).
+    pub max_routes: usize,
+    /// Queue groups: give a message to a member on this node whenever there
+    /// is one, instead of choosing among all members of the cluster, each
+    /// with the same chance (nats-server's behaviour, the default). Saves a
+    /// hop; members elsewhere then get only what is published where the
+    /// group has no member.
+    pub prefer_local_queue_members: bool,
     /// TLS between nodes: each node presents `cert_file` and, with `verify`,
     /// requires its peer's certificate signed by `ca_file` (mutual TLS).
     /// Routes start TLS at once, before any protocol line.
@@ -61,6 +73,8 @@ impl Default for ClusterConfig {
             connect_backoff: Duration::from_millis(100),
             connect_backoff_max: Duration::from_secs(5),
             max_pending: 256 * 1024 * 1024,
+            max_routes: 256,
+            prefer_local_queue_members: false,
             tls: None,
             authorization: None,
         }
@@ -104,6 +118,9 @@ impl ClusterConfig {
             return invalid(
                 "connect_backoff must be > 0 and at most connect_backoff_max".to_string(),
             );
+        }
+        if self.max_routes == 0 {
+            return invalid("max_routes must be at least 1".to_string());
         }
         if let Some(tls) = &self.tls {
             tls.validate()?;
@@ -190,12 +207,15 @@ mod tests {
         assert_eq!((cluster.name.as_str(), cluster.routes.len()), ("east", 1));
         assert_eq!(cluster.connect_backoff, Duration::from_millis(50));
         assert_eq!(cluster.connect_retries, 10);
+        assert_eq!(cluster.max_routes, 256);
+        assert!(!cluster.prefer_local_queue_members);
         for (bad, says) in [
             ("[cluster]\nroutes = [\"nowhere\"]\n", "nowhere"),
             ("[cluster]\nname = \"two words\"\n", "one word"),
             ("[cluster.authorization]\nuser = \"r\"\n", "both"),
             ("[cluster]\nlisten_addr = \"x\"\n", "listen_addr"),
             ("[cluster]\nmax_pending = 10\n", "max_payload"),
+            ("[cluster]\nmax_routes = 0\n", "max_routes"),
         ] {
             let err = Config::from_toml(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
