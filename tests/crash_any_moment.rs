@@ -94,7 +94,13 @@ const PUBLISHERS: usize = 3;
 const WINDOW: (usize, usize) = (16, 64);
 /// `READER`'s ack wait: messages delivered but not acked before a kill
 /// come back this long after.
-const READER_ACK_WAIT: Duration = Duration::from_secs(2);
+const READER_ACK_WAIT: Duration = Duration::from_secs(1);
+/// Cycles on one store; then a new one (for long runs).
+const EPOCH_CYCLES: usize = 50;
+/// Messages per pull request of `READER`.
+const FETCH_BATCH: usize = 32;
+/// Messages a second each publisher sends, at most.
+const PUBLISH_RATE: usize = 1000;
 /// Churn streams that exist or may exist at once, at most.
 const MAX_CHURN_STREAMS: usize = 6;
 /// Durable consumers per churn stream, at most.
@@ -204,14 +210,20 @@ struct Model {
     next_version: u64,
     /// `DATA`: every PubAck'd message, sequence -> payload.
     acked: BTreeMap<u64, Bytes>,
-    /// `DATA` sequences whose double ack through `READER` was answered.
-    double_acked: BTreeSet<u64>,
+    /// `DATA` sequences whose double ack through `READER` was answered,
+    /// with the pull request that delivered them.
+    double_acked: BTreeMap<u64, u64>,
+    /// Pull requests `READER`'s fetchers sent, so far.
+    pulls: u64,
+    /// The highest ack floor `READER` showed right after a restart: read
+    /// back from the store, so a later crash may not take it back either.
+    reader_floor_restored: u64,
     /// Broken promises seen while a phase ran (not after a restart).
     violations: Vec<String>,
     /// Error replies (not failures: nothing is confirmed by them).
     error_replies: Vec<String>,
+    churn_asked: u64,
     churn_answered: u64,
-    churn_unanswered: u64,
 }
 
 impl Model {
@@ -229,10 +241,12 @@ impl Model {
         }
     }
 
-    /// The longest run 1..=n of double-acked sequences.
+    /// The ack floor `READER` must have at least: the longest run 1..=n
+    /// of sequences that were double-acked (answered) or under a floor
+    /// restored after an earlier kill.
     fn double_ack_floor(&self) -> u64 {
-        let mut n = 0;
-        for &seq in &self.double_acked {
+        let mut n = self.reader_floor_restored;
+        for &seq in self.double_acked.range(n + 1..).map(|(s, _)| s) {
             if seq != n + 1 {
                 break;
             }
@@ -419,13 +433,7 @@ async fn churn_step(
                 (name, n, version)
             };
             let subject = format!("STREAM.CREATE.{name}");
-            let reply = ask(
-                client,
-                model,
-                &subject,
-                &stream_config(&name, n, version),
-            )
-            .await?;
+            let reply = ask(client, model, &subject, &stream_config(&name, n, version)).await?;
             if reply.get("error").is_none() {
                 lock(model)
                     .streams
@@ -584,26 +592,25 @@ async fn ask(
     subject: &str,
     body: &Value,
 ) -> Result<Value, NoAnswer> {
-    match api(client, subject, body, REQUEST_TIMEOUT).await {
-        Ok(reply) => {
-            let mut m = lock(model);
-            m.churn_answered += 1;
-            if reply.get("error").is_some()
-                && !matches!(err_code(&reply), Some(STREAM_NOT_FOUND | CONSUMER_NOT_FOUND))
-            {
-                m.error_replies.push(format!("{subject}: {reply}"));
-            }
-            Ok(reply)
-        }
-        Err(e) => {
-            lock(model).churn_unanswered += 1;
-            Err(e)
-        }
+    lock(model).churn_asked += 1;
+    let reply = api(client, subject, body, REQUEST_TIMEOUT).await?;
+    let mut m = lock(model);
+    m.churn_answered += 1;
+    if reply.get("error").is_some()
+        && !matches!(
+            err_code(&reply),
+            Some(STREAM_NOT_FOUND | CONSUMER_NOT_FOUND)
+        )
+    {
+        m.error_replies.push(format!("{subject}: {reply}"));
     }
+    Ok(reply)
 }
 
-/// Publishes unique payloads to `data.p<k>` with `window` PubAcks in
-/// flight until one goes unanswered.
+/// Publishes unique payloads to `data.p<k>` in bursts of `window`
+/// (so that up to `window` PubAcks are in flight), at most
+/// [`PUBLISH_RATE`] a second (to keep the store, hence restarts and
+/// checks, small), until a PubAck does not come.
 async fn publisher(url: String, k: usize, cycle: usize, window: usize, model: Shared) {
     let Ok(client) = try_connect(&url, REQUEST_TIMEOUT).await else {
         return;
@@ -612,48 +619,46 @@ async fn publisher(url: String, k: usize, cycle: usize, window: usize, model: Sh
         .timeout(REQUEST_TIMEOUT)
         .build(client);
     let subject = format!("data.p{k}");
+    let started = tokio::time::Instant::now();
+    let burst_every = Duration::from_secs_f64(window as f64 / PUBLISH_RATE as f64);
     let mut inflight = VecDeque::new();
-    let record = |payload: Bytes, ack: Result<Result<jetstream::publish::PublishAck, _>, _>| {
-        match ack {
-            Ok(Ok::<_, jetstream::context::PublishError>(ack)) => {
-                let mut m = lock(&model);
-                if ack.stream != DATA || ack.duplicate {
-                    m.violations.push(format!(
-                        "publish of {:?} answered with an unexpected PubAck {ack:?}",
-                        String::from_utf8_lossy(&payload)
-                    ));
-                }
-                m.record_pub_ack(ack.sequence, payload);
-                true
+    for burst in 0u32.. {
+        tokio::time::sleep_until(started + burst_every * burst).await;
+        for j in 0..window {
+            let i = burst as usize * window + j;
+            let payload = Bytes::from(format!("c{cycle}.p{k}.{i}"));
+            let publish = PublishMessage::build().payload(payload.clone());
+            let sent = bounded(
+                "publish",
+                REQUEST_TIMEOUT,
+                js.send_publish(subject.clone(), publish),
+            )
+            .await;
+            match sent {
+                Ok(Ok(future)) => inflight.push_back((payload, future)),
+                _ => return,
             }
-            _ => false,
         }
-    };
-    for i in 0.. {
-        let payload = Bytes::from(format!("c{cycle}.p{k}.{i}"));
-        let publish = PublishMessage::build().payload(payload.clone());
-        match bounded(
-            "publish",
-            REQUEST_TIMEOUT,
-            js.send_publish(subject.clone(), publish),
-        )
-        .await
-        {
-            Ok(Ok(future)) => inflight.push_back((payload, future)),
-            _ => return,
-        }
-        if inflight.len() >= window {
-            let (payload, future) = inflight.pop_front().expect("a PubAck in flight");
-            let ack = bounded("PubAck", REQUEST_TIMEOUT, future.into_future()).await;
-            if !record(payload, ack) {
-                return;
+        while let Some((payload, future)) = inflight.pop_front() {
+            let ack = match bounded("PubAck", REQUEST_TIMEOUT, future.into_future()).await {
+                Ok(Ok(ack)) => ack,
+                _ => return,
+            };
+            let mut m = lock(&model);
+            if ack.stream != DATA || ack.duplicate {
+                m.violations.push(format!(
+                    "publish of {:?} answered with an unexpected PubAck {ack:?}",
+                    String::from_utf8_lossy(&payload)
+                ));
             }
+            m.record_pub_ack(ack.sequence, payload);
         }
     }
 }
 
-/// Fetches from `READER` and double-acks every message, one at a time,
-/// until something goes unanswered.
+/// Fetches from `READER` in batches and double-acks each batch's
+/// messages (AckSyncs sent together, in stream order), until something
+/// goes unanswered.
 async fn fetcher(url: String, model: Shared) {
     let Ok(client) = try_connect(&url, REQUEST_TIMEOUT).await else {
         return;
@@ -675,12 +680,17 @@ async fn fetcher(url: String, model: Shared) {
         return;
     };
     loop {
+        let pull = {
+            let mut m = lock(&model);
+            m.pulls += 1;
+            m.pulls
+        };
         let Ok(Ok(mut batch)) = bounded(
             "fetch",
             REQUEST_TIMEOUT,
             consumer
                 .batch()
-                .max_messages(32)
+                .max_messages(FETCH_BATCH)
                 .expires(Duration::from_millis(300))
                 .messages(),
         )
@@ -688,47 +698,65 @@ async fn fetcher(url: String, model: Shared) {
         else {
             return;
         };
+        let mut delivered = Vec::new();
         while let Ok(Some(m)) = bounded("message", REQUEST_TIMEOUT, batch.next()).await {
             let Ok(m) = m else { return };
             let Ok(info) = m.info() else { return };
-            let (seq, delivered) = (info.stream_sequence, info.delivered);
-            {
-                let mut m_ = lock(&model);
-                if let Some(acked) = m_.acked.get(&seq) {
-                    if *acked != m.payload {
-                        let msg = format!(
-                            "READER delivered DATA seq {seq} with payload {:?}, but it was \
-                             PubAck'd with {:?}",
-                            String::from_utf8_lossy(&m.payload),
-                            String::from_utf8_lossy(acked)
-                        );
-                        m_.violations.push(msg);
-                    }
-                }
-                if m_.double_acked.contains(&seq) {
-                    let msg = format!(
-                        "READER delivered DATA seq {seq} again (delivery {delivered}) after its \
-                         double ack was answered"
-                    );
-                    m_.violations.push(msg);
-                }
-            }
-            // AckSync by hand: `Message::double_ack` takes any reply, a
-            // no-responders status included, as a confirmation.
+            let (seq, count) = (info.stream_sequence, info.delivered);
             let Some(reply) = m.reply.clone() else { return };
-            match bounded(
-                "double ack",
-                REQUEST_TIMEOUT,
-                client.request(reply, Bytes::from_static(b"+ACK")),
-            )
-            .await
-            {
-                Ok(Ok(answer)) if answer.status.is_none() => {
-                    lock(&model).double_acked.insert(seq);
-                }
-                _ => return,
-            }
+            check_delivery(&model, pull, seq, count, &m.payload);
+            delivered.push((seq, reply));
         }
+        // AckSync by hand: `Message::double_ack` takes any reply, a
+        // no-responders status included, as a confirmation.
+        let acks = delivered.into_iter().map(|(seq, reply)| {
+            let client = client.clone();
+            let model = Arc::clone(&model);
+            async move {
+                let answer = bounded(
+                    "double ack",
+                    REQUEST_TIMEOUT,
+                    client.request(reply, Bytes::from_static(b"+ACK")),
+                )
+                .await;
+                match answer {
+                    Ok(Ok(answer)) if answer.status.is_none() => {
+                        lock(&model).double_acked.insert(seq, pull);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        });
+        let answered = futures::future::join_all(acks).await;
+        if answered.contains(&false) {
+            return;
+        }
+    }
+}
+
+/// A delivery by `READER` in pull request `pull`: its payload must be the
+/// acknowledged one, and it must not have been double-acked (answered)
+/// before that pull request was sent.
+fn check_delivery(model: &Shared, pull: u64, seq: u64, count: i64, payload: &Bytes) {
+    let mut m = lock(model);
+    if let Some(acked) = m.acked.get(&seq) {
+        if acked != payload {
+            let msg = format!(
+                "READER delivered DATA seq {seq} with payload {:?}, but it was PubAck'd with \
+                 {:?}",
+                String::from_utf8_lossy(payload),
+                String::from_utf8_lossy(acked)
+            );
+            m.violations.push(msg);
+        }
+    }
+    if m.double_acked.get(&seq).is_some_and(|&p| p < pull) {
+        let msg = format!(
+            "READER delivered DATA seq {seq} again (delivery {count}) after its double ack \
+             was answered"
+        );
+        m.violations.push(msg);
     }
 }
 
@@ -738,12 +766,17 @@ async fn fetcher(url: String, model: Shared) {
 struct Checked {
     acked: usize,
     double_ack_floor: u64,
+    /// READER as CONSUMER.INFO shows it after the restart: ack floor,
+    /// delivered, ack pending.
+    reader: (u64, u64, u64),
 }
 
 /// Everything the model says was confirmed, against the restarted server:
 /// the list of what is wrong (empty when all is well).
 async fn verify(url: &str, model: &Shared) -> Result<Checked, Vec<String>> {
-    let client = try_connect(url, VERIFY_TIMEOUT).await.map_err(|e| vec![e])?;
+    let client = try_connect(url, VERIFY_TIMEOUT)
+        .await
+        .map_err(|e| vec![e])?;
     let js = jetstream::ContextBuilder::new()
         .timeout(VERIFY_TIMEOUT)
         .build(client.clone());
@@ -789,8 +822,7 @@ async fn verify(url: &str, model: &Shared) -> Result<Checked, Vec<String>> {
                         wrong.push(format!(
                             "stream {name}: confirmed settings are v{versions:?}, found \
                              description/max_msgs of {:?} ({})",
-                            found,
-                            reply["config"]
+                            found, reply["config"]
                         ));
                     }
                 }
@@ -830,8 +862,7 @@ async fn verify(url: &str, model: &Shared) -> Result<Checked, Vec<String>> {
                         wrong.push(format!(
                             "consumer {stream}/{name}: confirmed settings are v{versions:?}, \
                              found description/max_ack_pending of {:?} ({})",
-                            found,
-                            reply["config"]
+                            found, reply["config"]
                         ));
                     }
                 }
@@ -864,16 +895,34 @@ async fn verify(url: &str, model: &Shared) -> Result<Checked, Vec<String>> {
         }
     };
     let (subject, reply) = ask(format!("CONSUMER.INFO.{DATA}.{READER}")).await;
+    let mut reader = (0, 0, 0);
     match reply {
         Ok(r) if r.get("error").is_none() => {
             let ack_floor = r["ack_floor"]["stream_seq"].as_u64().unwrap_or(0);
+            reader = (
+                ack_floor,
+                r["delivered"]["stream_seq"].as_u64().unwrap_or(0),
+                r["num_ack_pending"].as_u64().unwrap_or(0),
+            );
             if ack_floor < floor {
+                let restored = lock(model).reader_floor_restored;
                 wrong.push(format!(
-                    "consumer {DATA}/{READER}: ack floor {ack_floor} is below {floor}, though \
-                     the double acks of 1..={floor} were all answered (ack floor {}, \
+                    "consumer {DATA}/{READER}: ack floor {ack_floor} is below {floor}: the \
+                     double acks of {}..={floor} were all answered{} (ack floor {}, \
                      delivered {}, pending {})",
-                    r["ack_floor"], r["delivered"], r["num_ack_pending"]
+                    restored + 1,
+                    if restored > 0 {
+                        format!(", and {restored} was the floor after an earlier restart")
+                    } else {
+                        String::new()
+                    },
+                    r["ack_floor"],
+                    r["delivered"],
+                    r["num_ack_pending"]
                 ));
+            } else {
+                let mut m = lock(model);
+                m.reader_floor_restored = m.reader_floor_restored.max(ack_floor);
             }
         }
         Ok(r) => wrong.push(format!(
@@ -900,6 +949,7 @@ async fn verify(url: &str, model: &Shared) -> Result<Checked, Vec<String>> {
         Ok(Checked {
             acked: acked.len(),
             double_ack_floor: floor,
+            reader,
         })
     } else {
         Err(wrong)
@@ -936,7 +986,7 @@ async fn check_acked_messages(
     .map_err(|e| vec![format!("create audit consumer on {DATA}: {e}")])?;
     let audit_name = audit.cached_info().name.clone();
     let mut expected = acked.iter().peekable();
-    let mut seen = 0u64;
+    let mut seen = first - 1;
     let deadline = Instant::now() + Duration::from_secs(30);
     'read: while seen < last {
         if Instant::now() > deadline {
@@ -950,7 +1000,9 @@ async fn check_acked_messages(
             VERIFY_TIMEOUT,
             audit
                 .batch()
-                .max_messages(1000)
+                // No more than there are: a fetch waits until it expires
+                // for what it asked beyond.
+                .max_messages((last - seen).min(1000) as usize)
                 .expires(Duration::from_millis(500))
                 .messages(),
         )
@@ -1138,7 +1190,11 @@ async fn busy_phase(
     let mut tasks = Vec::new();
     let url = server.url.clone();
     if matches!(phase, Phase::Churn | Phase::Mixed) {
-        tasks.push(tokio::spawn(churn(url.clone(), Arc::clone(model), rng.gen())));
+        tasks.push(tokio::spawn(churn(
+            url.clone(),
+            Arc::clone(model),
+            rng.gen(),
+        )));
     }
     if matches!(phase, Phase::Publish | Phase::Mixed) {
         for k in 0..PUBLISHERS {
@@ -1221,17 +1277,19 @@ async fn crash_at_any_moment_loses_nothing_confirmed() {
     }));
 
     let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(seed);
-    // Every phase once first, in a seeded order; then at random.
+    // Every phase once first, in a seeded order; then at random. From an
+    // RNG of its own, so that fewer cycles replay a prefix of the run.
+    let mut schedule_rng = StdRng::seed_from_u64(seed ^ 0x5eed_5eed_5eed_5eed);
     let mut schedule = phases.clone();
-    schedule.shuffle(&mut rng);
+    schedule.shuffle(&mut schedule_rng);
     while schedule.len() < cycles {
-        schedule.push(*phases.choose(&mut rng).expect("a phase"));
+        schedule.push(*phases.choose(&mut schedule_rng).expect("a phase"));
     }
     schedule.truncate(cycles);
+    let mut rng = StdRng::seed_from_u64(seed);
 
-    let store = tempfile::tempdir().expect("temp dir for the store");
-    let model: Shared = Arc::default();
+    let mut store = tempfile::tempdir().expect("temp dir for the store");
+    let mut model: Shared = Arc::default();
     let mut ctx = Ctx {
         seed,
         cycle: 0,
@@ -1243,6 +1301,7 @@ async fn crash_at_any_moment_loses_nothing_confirmed() {
 
     let mut per_phase = [0usize; PHASES.len()];
     let mut kills = 0usize;
+    let mut totals = Totals::default();
     for (cycle, &phase) in schedule.iter().enumerate() {
         let cycle_started = Instant::now();
         per_phase[PHASES.iter().position(|p| *p == phase).expect("phase")] += 1;
@@ -1252,6 +1311,16 @@ async fn crash_at_any_moment_loses_nothing_confirmed() {
             phase,
             kill_ms: 0,
         };
+        if cycle > 0 && cycle % EPOCH_CYCLES == 0 {
+            // A new store, so that long runs do not slow down with its size.
+            server.kill();
+            totals.add(&lock(&model));
+            store = tempfile::tempdir().expect("temp dir for the store");
+            model = Arc::default();
+            server = restart(store.path(), &ctx, None).await;
+            set_up(&server, &ctx).await;
+            eprintln!("cycle {cycle:3}: a new store");
+        }
         let killed = match phase {
             Phase::Fresh => {
                 ctx.kill_ms = ms(&mut rng, FRESH_KILL_MS);
@@ -1320,21 +1389,25 @@ async fn crash_at_any_moment_loses_nothing_confirmed() {
         let m = lock(&model);
         eprintln!(
             "cycle {cycle:3} {:8} kill {:3} ms: restart {:?}, verify {:?} ({} acked, floor \
-             {}, {} streams, {} consumers known), cycle {:?}",
+             {} (READER: floor {}, delivered {}, pending {}), {} streams, {} consumers \
+             known), cycle {:?}",
             phase.name(),
             ctx.kill_ms,
             restart_took,
             verify_started.elapsed(),
             checked.acked,
             checked.double_ack_floor,
+            checked.reader.0,
+            checked.reader.1,
+            checked.reader.2,
             m.streams.len(),
             m.consumers.len(),
             cycle_started.elapsed()
         );
     }
     drop(server);
+    totals.add(&lock(&model));
 
-    let m = lock(&model);
     let phases_run: Vec<String> = PHASES
         .iter()
         .zip(per_phase)
@@ -1342,19 +1415,42 @@ async fn crash_at_any_moment_loses_nothing_confirmed() {
         .collect();
     eprintln!(
         "crash_any_moment: CRASH_SEED={seed}: {cycles} cycles ({}), {kills} kills, {} acked \
-         publishes checked, {} double acks answered (floor {}), churn requests {} answered / \
-         {} unanswered, {} error answers{}; {:?}",
+         publishes checked, {} double acks answered (ack floor checked up to {}), churn \
+         requests {} answered / {} unanswered, {} error answers{}; {:?}",
         phases_run.join(", "),
-        m.acked.len(),
-        m.double_acked.len(),
-        m.double_ack_floor(),
-        m.churn_answered,
-        m.churn_unanswered,
-        m.error_replies.len(),
-        m.error_replies
+        totals.acked,
+        totals.double_acked,
+        totals.double_ack_floor,
+        totals.churn_answered,
+        totals.churn_unanswered,
+        totals.error_replies.len(),
+        totals
+            .error_replies
             .first()
             .map(|e| format!(" (first: {e})"))
             .unwrap_or_default(),
         started.elapsed()
     );
+}
+
+/// What the stores of a run confirmed and the checks held to.
+#[derive(Default)]
+struct Totals {
+    acked: usize,
+    double_acked: usize,
+    double_ack_floor: u64,
+    churn_answered: u64,
+    churn_unanswered: u64,
+    error_replies: Vec<String>,
+}
+
+impl Totals {
+    fn add(&mut self, m: &Model) {
+        self.acked += m.acked.len();
+        self.double_acked += m.double_acked.len();
+        self.double_ack_floor += m.double_ack_floor();
+        self.churn_answered += m.churn_answered;
+        self.churn_unanswered += m.churn_asked - m.churn_answered;
+        self.error_replies.extend(m.error_replies.iter().cloned());
+    }
 }
