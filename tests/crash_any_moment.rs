@@ -100,7 +100,7 @@ const EPOCH_CYCLES: usize = 50;
 /// Messages per pull request of `READER`.
 const FETCH_BATCH: usize = 32;
 /// Messages a second each publisher sends, at most.
-const PUBLISH_RATE: usize = 1000;
+const PUBLISH_RATE: usize = 700;
 /// Churn streams that exist or may exist at once, at most.
 const MAX_CHURN_STREAMS: usize = 6;
 /// Durable consumers per churn stream, at most.
@@ -174,9 +174,13 @@ impl Ctx {
                 );
             }
         }
+        let phases = std::env::var("CRASH_PHASES")
+            .map(|p| format!(" CRASH_PHASES={p}"))
+            .unwrap_or_default();
         let _ = write!(
             msg,
-            "\n--- replay: CRASH_SEED={} CRASH_CYCLES={} cargo test --test crash_any_moment -- --nocapture",
+            "\n--- replay: CRASH_SEED={} CRASH_CYCLES={}{phases} cargo test --test \
+             crash_any_moment -- --nocapture",
             self.seed,
             self.cycle + 1
         );
