@@ -17,10 +17,9 @@
 //!
 //! Every wait is bounded; children are killed on drop; stores are temp dirs.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,10 +30,10 @@ use async_nats::jetstream::{
     message::PublishMessage,
     stream, AckKind, Context,
 };
+use common::child::{connect, context, Skiff};
+use common::within;
 use futures::StreamExt;
 
-/// Longest any single step may take.
-const WAIT: Duration = Duration::from_secs(20);
 const STREAM: &str = "CRASH";
 const DURABLE: &str = "worker";
 const PUBLISHERS: usize = 4;
@@ -49,152 +48,7 @@ const ACK_WAIT: Duration = Duration::from_secs(1);
 const KILL_AFTER_MS: [u64; 4] = [80, 300, 700, 1300];
 
 // ---------------------------------------------------------------------------
-// The child process.
-
-/// A `skiff serve` child, killed (SIGKILL) and reaped on drop.
-struct Skiff {
-    child: Child,
-    url: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Skiff {
-    fn start(store: &Path) -> Skiff {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_skiff"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--store"])
-            .arg(store)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "skiff=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn skiff");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let outputs: [Option<Box<dyn Read + Send>>; 2] = [
-            child
-                .stdout
-                .take()
-                .map(|o| Box::new(o) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|o| Box::new(o) as Box<dyn Read + Send>),
-        ];
-        // Readers drain both pipes until the child dies, so that it never
-        // blocks on a full pipe.
-        for out in outputs.into_iter().flatten() {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { return };
-                    log.lock().unwrap().push(strip_ansi(&line));
-                }
-            });
-        }
-        // Guard first, so that a failed start kills the child.
-        let mut skiff = Skiff {
-            child,
-            url: String::new(),
-            log,
-        };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (addr, ready) = {
-                let log = skiff.log.lock().unwrap();
-                let addr = log.iter().find_map(|l| {
-                    l.split("Listening for client connections on ")
-                        .nth(1)
-                        .and_then(|rest| rest.split_whitespace().next())
-                        .map(str::to_string)
-                });
-                (addr, log.iter().any(|l| l.contains("Server is ready")))
-            };
-            if let (Some(addr), true) = (addr, ready) {
-                assert!(addr.starts_with("127.0.0.1:"), "bound to {addr}");
-                skiff.url = format!("nats://{addr}");
-                return skiff;
-            }
-            if let Ok(Some(status)) = skiff.child.try_wait() {
-                panic!("skiff exited with {status}: {:#?}", skiff.lines());
-            }
-            if Instant::now() > deadline {
-                panic!("skiff not ready after {WAIT:?}: {:#?}", skiff.lines());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix), then reap.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Skiff {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ params final-byte.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------
 // Clients.
-
-async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
-
-/// A client that does not reconnect within the test: after the kill, its
-/// buffered publishes and acks must not reach the restarted server.
-async fn connect(url: &str) -> async_nats::Client {
-    within(
-        "connect",
-        async_nats::ConnectOptions::new()
-            .reconnect_delay_callback(|attempts| {
-                // Called for the first connection too (with 1).
-                if attempts <= 1 {
-                    Duration::ZERO
-                } else {
-                    Duration::from_secs(3600)
-                }
-            })
-            .connect(url),
-    )
-    .await
-    .expect("connect")
-}
-
-fn context(client: async_nats::Client) -> Context {
-    jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(2))
-        .build(client)
-}
 
 #[derive(Default)]
 struct PubLog {

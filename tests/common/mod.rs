@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod child;
 pub mod jetstream;
 
 use std::future::Future;
