@@ -307,7 +307,7 @@ impl Config {
         })
         .map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
-            message: e.to_string(),
+            message: toml_error(text, &e),
         })?;
         if let Some(key) = ignored.first() {
             return Err(ConfigError::Parse {
@@ -354,6 +354,20 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A TOML error on one line, `line L, column C: what`: toml's own text
+/// draws the offending line with a caret over several lines, which a log
+/// line or a start-up error cannot show.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let Some(span) = e.span() else {
+        return what;
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+    format!("line {line}, column {column}: {what}")
 }
 
 /// A number or a string with a unit, as nats-server accepts them.
@@ -410,7 +424,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_paylod"), "{err}");
-        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("line 2, column 1:"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        let err = Config::from_toml("max_payload = \"1MB\"\n\nping_interval = [1]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3, column 17:"), "{err}");
     }
 
     #[test]
