@@ -879,13 +879,24 @@ impl<'a> Forwards<'a> {
 /// API answer and in `/healthz`, and keeps the files as they are.
 async fn start_jetstream(state: &Arc<ServerState>) -> Result<(), StartError> {
     let opening = Arc::clone(state);
-    let started =
-        tokio::task::spawn_blocking(move || JetStream::start(&opening, &opening.config.jetstream))
-            .await
-            .map_err(|e| JetStreamError::Thread(std::io::Error::other(e.to_string())))?;
+    let start = move || {
+        // Unset limits get nats-server's defaults, resolved once here (it
+        // reads /proc/meminfo and the store's file system); `state.config`
+        // keeps them unset, so that a reload of the same file compares
+        // equal.
+        let limits = opening.config.jetstream.resolve_limits();
+        let mut config = opening.config.jetstream.clone();
+        config.max_memory_store = Some(saturating_usize(limits.max_memory));
+        config.max_file_store = Some(saturating_usize(limits.max_file));
+        JetStream::start(&opening, &config).map(|js| (js, limits))
+    };
+    let started = tokio::task::spawn_blocking(start)
+        .await
+        .map_err(|e| JetStreamError::Thread(std::io::Error::other(e.to_string())))?;
     match started {
-        Ok(js) => {
+        Ok((js, limits)) => {
             let _ = state.jetstream.set(js);
+            tracing::info!("JetStream limits: {limits}");
         }
         Err(JetStreamError::Store(e @ StoreError::Corrupt { .. })) => {
             let reason = e.to_string();

@@ -114,7 +114,7 @@ async fn streams_declared_in_conf_streams_toml_exist_at_start() {
 async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::with_streams("127.0.0.1:0", dir.path());
-    config.jetstream.max_file_store = 4096;
+    config.jetstream.max_file_store = Some(4096);
     let server = Server::start(config).await.unwrap();
     let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
     for (name, storage) in [
