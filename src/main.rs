@@ -2,10 +2,14 @@
 //! and signals. Everything else lives in the library (the client commands,
 //! the benchmark and signal sending in `skiff::tools`).
 //!
+//! The log goes to stderr, as nats-server's does; stdout carries only what
+//! a command prints as its result. A command that fails prints one line,
+//! `skiff: what failed: why; what to do`, and exits with status 1.
+//!
 //! Signals to `skiff serve`: SIGINT and SIGTERM shut down gracefully,
-//! SIGHUP reloads the config file ([`reload`]; the log level is applied
-//! here, since the binary owns the subscriber), SIGUSR2 enters lame duck
-//! mode, after which the process exits.
+//! SIGHUP reloads the config file ([`reload`], on the blocking pool; the
+//! log level is applied here, since the binary owns the subscriber),
+//! SIGUSR2 enters lame duck mode, after which the process exits.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use skiff::auth::{AuthorizationConfig, Secret};
-use skiff::config::{cluster::ClusterConfig, http::HttpConfig, TlsConfig};
+use skiff::config::{cluster::ClusterConfig, http::HttpConfig, ConfigError, TlsConfig};
 use skiff::tools::bench::{self, BenchOptions, Scenario};
 use skiff::tools::conn::{Endpoint, TlsOptions};
 use skiff::tools::signal::{self, PidFile, Signal, Target};
@@ -406,7 +410,7 @@ struct ServeArgs {
 
 impl ServeArgs {
     /// The config file (or the defaults), with flags layered on top.
-    fn config(&self) -> anyhow::Result<Config> {
+    fn config(&self) -> Result<Config, ConfigError> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -503,13 +507,17 @@ fn init_logging(debug: bool, trace: bool) -> Option<LogLevel> {
     let filter =
         from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(log_filter(debug, trace)));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    // Colours only for a person at a terminal: harnesses that wait for
-    // "Server is ready" read plain lines.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    // The log goes to stderr, as nats-server's does: launchers (nats.py's
+    // test harness among them) wait for "Listening for client connections
+    // on" and "Server is ready" there, and stdout stays free for what a
+    // command prints as its result. Colours only for a person at a
+    // terminal: harnesses read plain lines.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::registry()
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
                 .with_target(false)
                 .with_ansi(colour),
         )
@@ -537,7 +545,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let server = Server::start(config).await.context("cannot start server")?;
+    let server = Server::start(config).await?;
+    // Shared with the reloads, which read the file on the blocking pool.
+    let args = std::sync::Arc::new(args);
     loop {
         tokio::select! {
             _ = term.recv() => {
@@ -548,7 +558,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tracing::info!("Trapped \"interrupt\" signal");
                 break;
             }
-            _ = hup.recv() => reload(&args, &server, log_level.as_ref()),
+            _ = hup.recv() => reload(&args, &server, log_level.as_ref()).await,
             _ = usr2.recv() => {
                 tracing::info!("Trapped \"user defined signal 2\" signal: lame duck mode");
                 server.lame_duck();
@@ -564,15 +574,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// what can change while running, the log level included. A broken file,
 /// certificate or refused change is logged and the server goes on as it
 /// was.
-fn reload(args: &ServeArgs, server: &skiff::ServerHandle, log_level: Option<&LogLevel>) {
+///
+/// The file, the certificates and any declared stream are read and written
+/// on the blocking pool ([`skiff::ServerHandle::reload_with`]); further
+/// signals wait until this reload is done.
+async fn reload(
+    args: &std::sync::Arc<ServeArgs>,
+    server: &skiff::ServerHandle,
+    log_level: Option<&LogLevel>,
+) {
     tracing::info!("Trapped \"hangup\" signal: reloading the configuration");
-    let reloaded = args
-        .config()
-        .and_then(|config| Ok((server.reload(&config)?, config)));
+    let args = std::sync::Arc::clone(args);
+    let reloaded = server.reload_with(move || Ok(args.config()?)).await;
     let (reloaded, config) = match reloaded {
         Ok(done) => done,
         Err(e) => {
-            tracing::error!("Reload failed, keeping the running configuration: {e:#}");
+            let e = anyhow::Error::from(e);
+            tracing::error!(
+                "Reload failed, keeping the running configuration: {}",
+                one_line(&e)
+            );
             return;
         }
     };
@@ -680,9 +701,76 @@ async fn subscribe(
     Ok(())
 }
 
+/// An error on one line: its message, then each cause the message does
+/// not already include. Most of our errors quote their source in their own
+/// text (`cannot listen on ADDR: Address already in use`), so anyhow's
+/// `{:#}` would say it twice, and its `{:?}` (what `main` returning an
+/// error prints) adds a "Caused by" list and, with RUST_BACKTRACE, a
+/// backtrace. Line breaks inside a message are folded.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    if let Some(hint) = hint(error) {
+        line.push_str("; ");
+        line.push_str(hint);
+    }
+    line
+}
+
+/// What to do about the failures whose message does not say it already.
+fn hint(error: &anyhow::Error) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    let io_kind = error
+        .chain()
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    if let Some(skiff::StartError::Bind { .. }) = error.downcast_ref() {
+        return match io_kind {
+            Some(ErrorKind::AddrInUse) => Some(
+                "is another server running there? Stop it or choose another address \
+                 (--listen, or listen in the config file)",
+            ),
+            Some(ErrorKind::PermissionDenied) => {
+                Some("ports below 1024 need privileges: choose a port above 1024")
+            }
+            _ => Some("give the address as HOST:PORT, e.g. 127.0.0.1:4222"),
+        };
+    }
+    match io_kind {
+        Some(ErrorKind::AddrInUse) => {
+            Some("is another server running there? Stop it or choose another address")
+        }
+        Some(ErrorKind::NotFound) => Some("check the path"),
+        Some(ErrorKind::PermissionDenied) => Some("check the permissions"),
+        _ => None,
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line on stderr, where the log goes too; stdout carries
+            // only what a command prints as its result.
+            eprintln!("skiff: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => serve(args).await,
         Command::Pub(a) => {
             let endpoint = a.connect.endpoint()?;
@@ -774,6 +862,27 @@ mod tests {
         let http = config.http.unwrap();
         assert_eq!(http.listen, "127.0.0.1:0");
         assert_eq!(http.token, Some(Secret("t0k".into())));
+    }
+
+    #[test]
+    fn errors_are_one_line_without_repeating_their_cause() {
+        let in_use = skiff::StartError::Bind {
+            addr: "127.0.0.1:4222".into(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let line = one_line(&anyhow::Error::from(in_use));
+        assert!(line.starts_with("cannot listen on 127.0.0.1:4222: address in use; "));
+        assert_eq!(line.matches("address in use").count(), 1, "{line}");
+        let pid = Err::<(), _>(std::io::Error::from(std::io::ErrorKind::NotFound))
+            .context("cannot write pid file /run/x.pid")
+            .unwrap_err();
+        let line = one_line(&pid);
+        assert_eq!(
+            line,
+            "cannot write pid file /run/x.pid: entity not found; check the path"
+        );
+        let folded = one_line(&anyhow::anyhow!("first\n  second"));
+        assert_eq!(folded, "first second");
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub enum ReloadError {
     ControlLineAboveRoutes { wanted: usize, routes: usize },
     #[error("durable streams: {0}")]
     JetStream(#[from] crate::stream::JetStreamError),
+    /// The reload's blocking task panicked (or the runtime is shutting
+    /// down); what it had applied by then stays applied.
+    #[error("the reload did not finish: {0}")]
+    Aborted(String),
 }
 
 /// What a successful reload changed: the keys, in the order of the file's

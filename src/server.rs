@@ -73,6 +73,15 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    /// `store_dir` is not a directory the server can write to.
+    #[error(
+        "store directory {}: {problem}; set [jetstream] store_dir to a writable directory",
+        path.display()
+    )]
+    StoreDir {
+        path: std::path::PathBuf,
+        problem: String,
+    },
 }
 
 /// The entry point: `Server::start(config).await` runs a server.
@@ -83,6 +92,11 @@ impl Server {
     pub async fn start(config: Config) -> Result<ServerHandle, StartError> {
         config.validate()?;
         let tls = config.tls.as_ref().map(ServerTls::load).transpose()?;
+        if config.jetstream.enabled {
+            // Before anything is bound or logged, so that the one error
+            // line says what is wrong instead of the store's I/O error.
+            check_store_dir(&config.jetstream.store_dir)?;
+        }
         let listener =
             TcpListener::bind(&config.listen)
                 .await
@@ -127,6 +141,32 @@ impl Server {
             http_addr,
         })
     }
+}
+
+/// Refuses a `store_dir` that exists but is not a directory, cannot be
+/// created, or cannot be written to (as the server's user).
+fn check_store_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    let problem = |problem: String| StartError::StoreDir {
+        path: dir.to_owned(),
+        problem,
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => return Err(problem("it is not a directory".into())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| problem(format!("cannot create it: {e}")))?
+        }
+        Err(e) => return Err(problem(format!("cannot read it: {e}"))),
+    }
+    use rustix::fs::{access, Access};
+    access(dir, Access::WRITE_OK | Access::EXEC_OK)
+        .map_err(|e| problem(format!("not writable: {}", std::io::Error::from(e))))
+}
+
+/// `usize` is 64 bits wherever Skiff runs; elsewhere a limit past it is
+/// as good as none.
+fn saturating_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// A running server. Dropping it leaves the server running; call
@@ -228,6 +268,26 @@ impl ServerHandle {
     /// [`crate::reload`] for what reaches existing connections.
     pub fn reload(&self, config: &Config) -> Result<Reloaded, ReloadError> {
         crate::reload::reload(&self.state, config)
+    }
+
+    /// Loads a config with `load` and reloads it ([`ServerHandle::reload`]),
+    /// both on the blocking pool: reading the file and the certificates
+    /// and writing declared streams to disk must not hold up an async
+    /// worker thread, which serves clients meanwhile. Returns what changed
+    /// and the config now in force.
+    pub async fn reload_with<F>(&self, load: F) -> Result<(Reloaded, Config), ReloadError>
+    where
+        F: FnOnce() -> Result<Config, ReloadError> + Send + 'static,
+    {
+        let state = Arc::clone(&self.state);
+        let reload = move || {
+            let config = load()?;
+            let reloaded = crate::reload::reload(&state, &config)?;
+            Ok((reloaded, config))
+        };
+        tokio::task::spawn_blocking(reload)
+            .await
+            .map_err(|e| ReloadError::Aborted(e.to_string()))?
     }
 
     /// Enters lame duck mode: stops accepting, tells clients (INFO `ldm`)
@@ -819,13 +879,24 @@ impl<'a> Forwards<'a> {
 /// API answer and in `/healthz`, and keeps the files as they are.
 async fn start_jetstream(state: &Arc<ServerState>) -> Result<(), StartError> {
     let opening = Arc::clone(state);
-    let started =
-        tokio::task::spawn_blocking(move || JetStream::start(&opening, &opening.config.jetstream))
-            .await
-            .map_err(|e| JetStreamError::Thread(std::io::Error::other(e.to_string())))?;
+    let start = move || {
+        // Unset limits get nats-server's defaults, resolved once here (it
+        // reads /proc/meminfo and the store's file system); `state.config`
+        // keeps them unset, so that a reload of the same file compares
+        // equal.
+        let limits = opening.config.jetstream.resolve_limits();
+        let mut config = opening.config.jetstream.clone();
+        config.max_memory_store = Some(saturating_usize(limits.max_memory));
+        config.max_file_store = Some(saturating_usize(limits.max_file));
+        JetStream::start(&opening, &config).map(|js| (js, limits))
+    };
+    let started = tokio::task::spawn_blocking(start)
+        .await
+        .map_err(|e| JetStreamError::Thread(std::io::Error::other(e.to_string())))?;
     match started {
-        Ok(js) => {
+        Ok((js, limits)) => {
             let _ = state.jetstream.set(js);
+            tracing::info!("JetStream limits: {limits}");
         }
         Err(JetStreamError::Store(e @ StoreError::Corrupt { .. })) => {
             let reason = e.to_string();

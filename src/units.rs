@@ -43,3 +43,32 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("unknown duration unit in `{text}`")),
     })
 }
+
+/// Bytes as nats-server's `FriendlyBytes` prints them in its start-up log:
+/// powers of 1024 with two decimals, `"11.72 GB"`, `"512 B"`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KB", "MB", "GB", "TB", "PB", "EB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_as_nats_server_prints_them() {
+        assert_eq!(format_size(512), "512 B");
+        assert_eq!(format_size(4096), "4.00 KB");
+        assert_eq!(format_size(3 << 29), "1.50 GB");
+        assert_eq!(format_size(1 << 40), "1.00 TB");
+    }
+}

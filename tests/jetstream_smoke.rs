@@ -114,7 +114,7 @@ async fn streams_declared_in_conf_streams_toml_exist_at_start() {
 async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::with_streams("127.0.0.1:0", dir.path());
-    config.jetstream.max_file_store = 4096;
+    config.jetstream.max_file_store = Some(4096);
     let server = Server::start(config).await.unwrap();
     let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
     for (name, storage) in [
@@ -148,7 +148,8 @@ async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
     }
     let refused = refused.expect("a 4 KiB store refuses the fifth 1 KiB message");
     assert!(refused.contains("insufficient storage"), "{refused}");
-    // Memory streams have their own (unset) limit and carry on.
+    // Memory streams have their own limit (unset: 75% of memory) and
+    // carry on.
     let ack = js.publish("mem.1", kib).await.unwrap().await.unwrap();
     assert_eq!(ack.stream, "MEM");
     server.shutdown().await;
@@ -265,4 +266,34 @@ async fn stream_of_kib_messages(
         ack.await.unwrap();
     }
     (dir, server, client, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_limits_are_the_configured_ones_or_nats_servers_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_streams("127.0.0.1:0", dir.path());
+    config.jetstream.max_file_store = Some(1 << 20);
+    let defaults = config.jetstream.resolve_limits();
+    let server = Server::start(config).await.unwrap();
+    let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
+    let limits = js.query_account().await.unwrap().limits;
+    assert_eq!(limits.max_storage, Some(1 << 20), "configured: kept");
+    // Unset: 75% of the system's memory, as resolved at start.
+    let max_memory = limits.max_memory.expect("a memory limit");
+    assert_eq!(max_memory as u64, defaults.max_memory);
+    assert!(max_memory > 0);
+    server.shutdown().await;
+
+    // 0: no limit at all (Skiff's meaning), reported as -1.
+    let mut config = Config::with_streams("127.0.0.1:0", dir.path());
+    config.jetstream.max_memory_store = Some(0);
+    let server = Server::start(config).await.unwrap();
+    let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
+    let limits = js.query_account().await.unwrap().limits;
+    assert_eq!(limits.max_memory, None, "-1: no limit");
+    assert!(
+        limits.max_storage.unwrap_or(0) > 0,
+        "unset: 75% of free disk"
+    );
+    server.shutdown().await;
 }

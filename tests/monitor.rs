@@ -478,7 +478,18 @@ async fn jsz_and_metrics_report_streams_and_consumers() {
     assert_eq!(ship["num_ack_pending"], 2);
     let varz = get_json(http, "/varz").await;
     assert_eq!(u(&varz, "/jetstream/stats/storage"), api.bytes);
-    assert_eq!(varz["jetstream"]["config"]["max_storage"], -1);
+    // Unset limits are reported as resolved at start (nats-server's
+    // defaults), not as -1.
+    let defaults = Config::default().jetstream.resolve_limits();
+    assert_eq!(
+        u(&varz, "/jetstream/config/max_memory"),
+        defaults.max_memory
+    );
+    assert!(u(&varz, "/jetstream/config/max_storage") > 0, "{varz}");
+    assert_eq!(
+        detailed["config"]["max_storage"], varz["jetstream"]["config"]["max_storage"],
+        "/jsz and /varz agree"
+    );
     let streams_only = get_json(http, "/jsz?streams=1").await;
     let detail = &streams_only["account_details"][0]["stream_detail"][0];
     assert!(detail.get("consumer_detail").is_none());

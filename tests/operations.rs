@@ -1,6 +1,7 @@
 //! Operating a running server: reloading its configuration (embedded, and
 //! `skiff serve` through SIGHUP and `skiff reload`), lame duck mode moving
-//! clients to another node of a cluster, and `skiff server check`.
+//! clients to another node of a cluster, `skiff server check`, where
+//! `skiff serve` logs (stderr) and how it reports a failed start.
 
 mod common;
 
@@ -340,8 +341,8 @@ async fn server_check_exits_0_when_healthy_and_1_when_not() {
 }
 
 /// `skiff serve -c FILE --pid-file PID` as a child process, killed and
-/// reaped on drop (with its directory); its log goes to a file the test
-/// reads.
+/// reaped on drop (with its directory); its log (stderr) goes to a file
+/// the test reads, its stdout to another, which must stay empty.
 struct ServeProcess {
     child: std::process::Child,
     dir: tempfile::TempDir,
@@ -352,6 +353,7 @@ impl ServeProcess {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("skiff.toml"), config_text).unwrap();
         let log = std::fs::File::create(dir.path().join("skiff.log")).unwrap();
+        let out = std::fs::File::create(dir.path().join("skiff.stdout")).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
             .arg("serve")
             .arg("-c")
@@ -360,7 +362,7 @@ impl ServeProcess {
             .arg(dir.path().join("skiff.pid"))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
+            .stdout(out)
             .stderr(log)
             .spawn()
             .expect("spawn skiff");
@@ -375,8 +377,14 @@ impl ServeProcess {
         std::fs::write(self.path("skiff.toml"), config_text).unwrap();
     }
 
+    /// What it wrote to stderr: the log.
     fn log(&self) -> String {
         std::fs::read_to_string(self.path("skiff.log")).unwrap_or_default()
+    }
+
+    /// What it wrote to stdout.
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(self.path("skiff.stdout")).unwrap_or_default()
     }
 
     /// Waits until a log line contains `needle`; returns that line.
@@ -482,4 +490,67 @@ async fn skiff_serve_reloads_on_sighup_and_skiff_reload_and_exits_after_lame_duc
     assert!(status.success(), "{status:?}\n{}", skiff_serve.log());
     assert!(skiff_serve.log().contains("Entering lame duck mode"));
     assert!(!pid_file.exists(), "the pid file is removed at exit");
+    // The log went to stderr, as nats-server's does (launchers wait there
+    // for "Server is ready"); nothing of it reached stdout.
+    assert!(skiff_serve.log().contains("Server is ready"));
+    assert_eq!(skiff_serve.stdout(), "", "stdout holds no log");
+}
+
+/// Runs `skiff serve ARGS` in `dir`, expecting it to fail at start; its
+/// stderr, which must be a single line, and nothing on stdout.
+async fn failed_start(dir: &Path, args: &[&str]) -> String {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .arg("serve")
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        // The line must not depend on whether a backtrace is asked for.
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = within(&format!("skiff serve {args:?}"), child)
+        .await
+        .expect("skiff runs");
+    assert!(!out.status.success(), "{args:?} started: {out:?}");
+    assert_eq!(out.stdout, b"", "{args:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: one line:\n{stderr}");
+    assert!(stderr.starts_with("skiff: "), "{stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_says_what_and_where_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let line = failed_start(dir.path(), &["--listen", &addr, "--store", "data"]).await;
+    assert!(line.contains(&format!("cannot listen on {addr}")), "{line}");
+    assert_eq!(line.matches("in use").count(), 1, "said once: {line}");
+    assert!(line.contains("choose another address"), "{line}");
+
+    let line = failed_start(dir.path(), &["-c", "missing.toml"]).await;
+    assert!(line.contains("config file missing.toml"), "{line}");
+
+    std::fs::write(
+        dir.path().join("typo.toml"),
+        "listen = \"127.0.0.1:0\"\nmax_paylod = 5\n",
+    )
+    .unwrap();
+    let line = failed_start(dir.path(), &["-c", "typo.toml"]).await;
+    assert!(line.contains("typo.toml: line 2, column 1:"), "{line}");
+    assert!(line.contains("max_paylod"), "{line}");
+
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    let line = failed_start(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--store", "a-file"],
+    )
+    .await;
+    assert!(
+        line.contains("store directory a-file: it is not a directory"),
+        "{line}"
+    );
+    drop(taken);
 }

@@ -7,9 +7,10 @@
 //! `"500ms"` or as a number of seconds; sizes `"1MB"`, `"64MiB"`, `"4KB"` or a
 //! number of bytes.
 //!
-//! Each layer has its own table: `[jetstream]`, `[authorization]` (types in
-//! [`authorization`]), `[tls]`, `[cluster]` (types in [`cluster`]), `[http]`
-//! (types in [`http`]).
+//! Each layer has its own table: `[jetstream]` (its unset store limits
+//! resolved in [`limits`]), `[authorization]` (types in [`authorization`]),
+//! `[tls]`, `[cluster]` (types in [`cluster`]), `[http]` (types in
+//! [`http`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +22,7 @@ pub use crate::units::{parse_duration, parse_size};
 pub mod authorization;
 pub mod cluster;
 pub mod http;
+pub mod limits;
 
 /// Everything the server needs to start. `Config::default()` is a working
 /// single node listening on `0.0.0.0:4222`.
@@ -174,12 +176,16 @@ pub struct JetStreamConfig {
     /// such as `"2m"` (faster; a crash may lose what was acknowledged since
     /// the last sync, as with nats-server's default).
     pub sync: SyncPolicy,
-    /// Most bytes all memory streams may hold (0: no limit).
-    #[serde(deserialize_with = "de_size")]
-    pub max_memory_store: usize,
-    /// Most bytes all file streams may hold (0: no limit).
-    #[serde(deserialize_with = "de_size")]
-    pub max_file_store: usize,
+    /// Most bytes all memory streams may hold (0: no limit). Unset:
+    /// nats-server's default, 75% of the system's memory, resolved when
+    /// the server starts ([`JetStreamConfig::resolve_limits`]).
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_memory_store: Option<usize>,
+    /// Most bytes all file streams may hold (0: no limit). Unset:
+    /// nats-server's default, 75% of the disk space available to the store
+    /// (see [`limits`]).
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_file_store: Option<usize>,
     /// Streams (and their consumers) created or updated at start-up.
     pub streams: Vec<crate::stream::api::StreamConfig>,
 }
@@ -190,8 +196,8 @@ impl Default for JetStreamConfig {
             enabled: true,
             store_dir: PathBuf::from("./data"),
             sync: SyncPolicy::Always,
-            max_memory_store: 0,
-            max_file_store: 0,
+            max_memory_store: None,
+            max_file_store: None,
             streams: Vec::new(),
         }
     }
@@ -307,7 +313,7 @@ impl Config {
         })
         .map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
-            message: e.to_string(),
+            message: toml_error(text, &e),
         })?;
         if let Some(key) = ignored.first() {
             return Err(ConfigError::Parse {
@@ -356,6 +362,20 @@ impl Config {
     }
 }
 
+/// A TOML error on one line, `line L, column C: what`: toml's own text
+/// draws the offending line with a caret over several lines, which a log
+/// line or a start-up error cannot show.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let Some(span) = e.span() else {
+        return what;
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+    format!("line {line}, column {column}: {what}")
+}
+
 /// A number or a string with a unit, as nats-server accepts them.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -369,6 +389,10 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
         NumberOrText::Number(n) => Ok(n as usize),
         NumberOrText::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
     }
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    de_size(d).map(Some)
 }
 
 pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -410,7 +434,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_paylod"), "{err}");
-        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("line 2, column 1:"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        let err = Config::from_toml("max_payload = \"1MB\"\n\nping_interval = [1]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3, column 17:"), "{err}");
     }
 
     #[test]

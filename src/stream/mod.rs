@@ -141,8 +141,10 @@ impl JetStream {
             streams: RwLock::new(HashMap::new()),
             offline: RwLock::new(HashMap::new()),
             sync: config.sync,
-            max_memory: config.max_memory_store as u64,
-            max_file: config.max_file_store as u64,
+            // The server resolves unset limits before it starts streams
+            // (`JetStreamConfig::resolve_limits`); unset here means none.
+            max_memory: config.max_memory_store.unwrap_or(0) as u64,
+            max_file: config.max_file_store.unwrap_or(0) as u64,
             api: api_tx,
             subscriptions: Mutex::new(Vec::new()),
             latency: Latency::default(),
@@ -922,6 +924,8 @@ impl JetStream {
 
     fn account_info(&self) -> serde_json::Value {
         let usage = self.usage();
+        // The one account's limits are the server's store limits (-1: none).
+        let limit = |l: u64| if l == 0 { -1 } else { l as i64 };
         serde_json::json!({
             "memory": usage.memory,
             "storage": usage.storage,
@@ -930,7 +934,8 @@ impl JetStream {
             "streams": usage.streams,
             "consumers": usage.consumers,
             "limits": {
-                "max_memory": -1, "max_storage": -1, "max_streams": -1, "max_consumers": -1,
+                "max_memory": limit(self.max_memory), "max_storage": limit(self.max_file),
+                "max_streams": -1, "max_consumers": -1,
                 "max_ack_pending": -1, "memory_max_stream_bytes": -1,
                 "storage_max_stream_bytes": -1, "max_bytes_required": false
             },

@@ -3,10 +3,11 @@
 //! TLS without touching openssl. Tests use the same pieces.
 //!
 //! Keys are ECDSA P-256 in PKCS#8 PEM; key files are written readable by
-//! their owner only (mode 0600 on unix). Certificates are valid for
+//! their owner only (mode 0600 on unix). Every file is written atomically
+//! ([`crate::fsutil::write_atomically`]), so running it again over earlier
+//! output replaces each file whole. Certificates are valid for
 //! [`VALIDITY_DAYS`] from now.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -157,29 +158,15 @@ fn write_pair(dir: &Path, name: &str, issued: &Issued) -> Result<(PathBuf, PathB
     Ok((cert, key))
 }
 
+/// Writes one PEM file atomically (a rerun over an earlier output never
+/// leaves a torn key); a key is owner-only from the moment it is created.
 fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), CertsError> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    #[cfg(not(unix))]
-    let _ = secret;
-    let write = |options: &std::fs::OpenOptions| {
-        let mut file = options.open(path)?;
-        // An existing file keeps its mode on open: tighten it as well.
-        #[cfg(unix)]
-        if secret {
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    let mode = secret.then_some(0o600);
+    crate::fsutil::write_atomically(path, text.as_bytes(), mode).map_err(|source| {
+        CertsError::Write {
+            path: path.to_owned(),
+            source,
         }
-        file.write_all(text.as_bytes())
-    };
-    write(&options).map_err(|source| CertsError::Write {
-        path: path.to_owned(),
-        source,
     })
 }
 
@@ -225,5 +212,45 @@ mod tests {
                 .mode();
             assert_ne!(mode & 0o077, 0, "certificates are public");
         }
+    }
+
+    #[test]
+    fn running_again_replaces_every_file_and_keeps_keys_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = vec!["localhost".to_string()];
+        let first = generate(dir.path(), &hosts, 1).unwrap();
+        let old_key = std::fs::read_to_string(&first.server_key).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Loosened by hand: the new key must not inherit it.
+            let loose = std::fs::Permissions::from_mode(0o644);
+            std::fs::set_permissions(&first.server_key, loose).unwrap();
+        }
+        let second = generate(dir.path(), &hosts, 1).unwrap();
+        assert_ne!(
+            std::fs::read_to_string(&second.server_key).unwrap(),
+            old_key
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(&second.server_key).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let expected = [
+            "ca-key.pem",
+            "ca.pem",
+            "device-1-key.pem",
+            "device-1.pem",
+            "server-key.pem",
+            "server.pem",
+        ];
+        assert_eq!(names, expected, "no temporary files left");
     }
 }

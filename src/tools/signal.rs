@@ -125,8 +125,11 @@ pub fn send(signal: Signal, target: &Target) -> Result<i32, SignalError> {
 pub struct PidFile(PathBuf);
 
 impl PidFile {
+    /// Writes the file atomically: a script that polls for it and signals
+    /// the pid as soon as it appears never reads it empty or half-written.
     pub fn write(path: &Path) -> std::io::Result<PidFile> {
-        std::fs::write(path, format!("{}\n", std::process::id()))?;
+        let pid = format!("{}\n", std::process::id());
+        crate::fsutil::write_atomically(path, pid.as_bytes(), None)?;
         Ok(PidFile(path.to_owned()))
     }
 }
