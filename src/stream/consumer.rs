@@ -310,6 +310,16 @@ struct AckEvent {
     reply: Option<Bytes>,
 }
 
+/// Whether a consumer's record, as it starts, is already in the store
+/// (restored) or not yet (created).
+enum Saved {
+    Yes,
+    No,
+}
+
+/// The state's version when a consumer starts.
+const INITIAL_VERSION: u64 = 1;
+
 /// What clients' tasks hand to the pump; see the module doc.
 enum Incoming {
     Ack(AckEvent),
@@ -424,7 +434,7 @@ impl Consumer {
             redeliver_at: Vec::new(),
             catch_up: catch_up.into(),
         };
-        let consumer = Consumer::start(stream, record);
+        let consumer = Consumer::start(stream, record, Saved::No);
         // A consumer the client was told exists survives a power cut.
         consumer.save(true)?;
         Ok(consumer)
@@ -436,12 +446,10 @@ impl Consumer {
     ) -> Result<Arc<Consumer>, StoreError> {
         let record: Record = serde_json::from_slice(record)
             .map_err(|e| StoreError::corrupt(format!("consumer record: {e}")))?;
-        let consumer = Consumer::start(stream, record);
-        *consumer.saved.lock() = consumer.state.lock().version;
-        Ok(consumer)
+        Ok(Consumer::start(stream, record, Saved::Yes))
     }
 
-    fn start(stream: &Arc<Stream>, r: Record) -> Arc<Consumer> {
+    fn start(stream: &Arc<Stream>, r: Record, saved: Saved) -> Arc<Consumer> {
         let (now, now_unix) = (Instant::now(), now_nanos());
         let ack_wait = Duration::from_nanos(r.config.ack_wait.max(0) as u64);
         let redeliver_at: HashMap<u64, i64> = r.redeliver_at.into_iter().collect();
@@ -451,10 +459,12 @@ impl Consumer {
             stream_name: stream.name().to_string(),
             created: r.created,
             inbox: Mutex::new(Inbox::default()),
-            // A restored record is saved; a created one is not yet.
-            saved: Mutex::new(0),
+            saved: Mutex::new(match saved {
+                Saved::Yes => INITIAL_VERSION,
+                Saved::No => INITIAL_VERSION - 1,
+            }),
             state: Mutex::new(State {
-                version: 1,
+                version: INITIAL_VERSION,
                 delivered: r.delivered,
                 ack_floor: r.ack_floor,
                 next_seq: r.next_seq,
