@@ -939,16 +939,18 @@ impl Connection {
                 return;
             } else {
                 let mut sub = Subscription::new(
-                    subject,
-                    queue,
-                    sid.clone(),
+                    &subject,
+                    queue.as_deref(),
+                    &sid,
                     Subscriber::Client(Arc::clone(&self.client)),
                 );
                 if check == SubscribeCheck::Filtered {
                     sub = sub.with_deny_filter();
                 }
                 let sub = Arc::new(sub);
-                subs.insert(sid, Arc::clone(&sub));
+                // Keyed by the subscription's own copy of the sid, not the
+                // parsed one (a slice of the read buffer).
+                subs.insert(sub.sid.clone(), Arc::clone(&sub));
                 Some(sub)
             }
         };

@@ -470,17 +470,20 @@ impl Connection {
     /// A repeated `RS+` (a queue group's new weight) changes nothing here:
     /// the peer picks the member among its own.
     fn add_interest(&mut self, subject: Bytes, queue: Option<Bytes>) -> Result<(), CloseReason> {
-        let key = (subject, queue);
         let mut subs = self.route.subs.lock();
-        if subs.contains_key(&key) {
+        if subs.contains_key(&(subject.clone(), queue.clone())) {
             return Ok(());
         }
+        // The subscription copies subject and queue out of the read buffer,
+        // and the map is keyed by that copy, so that nothing kept for the
+        // peer's interest pins the buffer the `RS+` arrived in.
         let sub = Arc::new(Subscription::new(
-            key.0.clone(),
-            key.1.clone(),
-            Bytes::new(),
+            &subject,
+            queue.as_deref(),
+            b"",
             Subscriber::Route(Arc::clone(&self.route)),
         ));
+        let key = (sub.subject.clone(), sub.queue.clone());
         // A peer's interest is not local: the server does not tell the
         // other peers about it (`Subscription::propagates`).
         if self.server.add_subscription(&sub).is_err() {
