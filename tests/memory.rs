@@ -8,10 +8,13 @@
 
 mod common;
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{start_with, wait_for_clients, within, Raw};
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpSocket;
 
 /// One memory test at a time: RSS is the whole process's.
 static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -83,5 +86,131 @@ async fn subscriptions_do_not_pin_the_read_buffers_they_arrived_in() {
     );
     drop(raw);
     wait_for_clients(&server, 0).await;
+    server.shutdown().await;
+}
+
+/// The highest RSS seen while it runs, sampled every millisecond on a thread
+/// of its own.
+struct PeakRss {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeakRss {
+    fn start() -> PeakRss {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicUsize::new(rss()));
+        let thread = std::thread::spawn({
+            let (stop, peak) = (Arc::clone(&stop), Arc::clone(&peak));
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss(), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        PeakRss {
+            stop,
+            peak,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("sampler thread");
+        }
+        self.peak.load(Ordering::Relaxed).max(rss())
+    }
+}
+
+const MAX_PENDING: usize = 4 * 1024 * 1024;
+const MSG_SIZE: usize = 4096;
+/// Of every this many messages published, one is for the stalled
+/// subscriber: each of its messages then lies in a read buffer with others,
+/// which a zero-copy slice in its queue would keep alive.
+const ONE_IN: usize = 16;
+/// What the server may hold beyond `max_pending` for one stalled
+/// subscriber: read buffers, arenas, allocator slack.
+const SLACK: usize = 8 * 1024 * 1024;
+/// Give up (and fail) after publishing this much without the subscriber
+/// cut off.
+const MAX_PUBLISHED: usize = 1 << 30;
+
+/// `max_pending` bounds what a stalled subscriber costs in memory, not only
+/// in bytes queued: its queue does not keep alive whole read buffers for
+/// the few messages in them that are its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_costs_at_most_max_pending() {
+    let _alone = MEASURING.lock().await;
+    let server = start_with(|c| {
+        c.max_pending = MAX_PENDING;
+        // Long enough that only max_pending can explain the disconnect.
+        c.write_deadline = Duration::from_secs(120);
+    })
+    .await;
+
+    // Subscribes, then never reads (with a small receive buffer, so that
+    // the kernel takes little of what is sent to it).
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("receive buffer size");
+    let stream = within(
+        "stalled subscriber to connect",
+        socket.connect(server.addr()),
+    )
+    .await
+    .expect("connect");
+    let mut stalled = Raw::from_stream(stream);
+    stalled.read_info().await;
+    stalled
+        .send("CONNECT {\"verbose\":false}\r\nSUB stalled 1\r\n")
+        .await;
+    stalled.ping_pong().await;
+
+    let mut publisher =
+        Raw::connect_with(server.addr(), r#"{"verbose":false,"pedantic":false}"#).await;
+    publisher.ping_pong().await;
+    wait_for_clients(&server, 2).await;
+
+    let payload = vec![b'x'; MSG_SIZE];
+    let mut batch = Vec::new();
+    for i in 0..ONE_IN {
+        let subject = if i == 0 { "stalled" } else { "elsewhere" };
+        batch.extend_from_slice(format!("PUB {subject} {MSG_SIZE}\r\n").as_bytes());
+        batch.extend_from_slice(&payload);
+        batch.extend_from_slice(b"\r\n");
+    }
+
+    let before = rss();
+    let peak = PeakRss::start();
+    let started = Instant::now();
+    let mut published = 0;
+    within("the stalled subscriber to be cut off", async {
+        while server.client_count() == 2 {
+            assert!(
+                published < MAX_PUBLISHED,
+                "published {published} bytes and the stalled subscriber is still connected"
+            );
+            publisher.stream.write_all(&batch).await.expect("publish");
+            published += batch.len();
+        }
+    })
+    .await;
+    let grown = peak.stop().saturating_sub(before);
+    eprintln!(
+        "stalled subscriber cut off after {published} bytes published in {:?}; \
+         peak RSS growth {grown} bytes (max_pending {MAX_PENDING})",
+        started.elapsed()
+    );
+    assert!(
+        grown <= MAX_PENDING + SLACK,
+        "RSS grew {grown} bytes for a subscriber with max_pending {MAX_PENDING}"
+    );
+    // The publisher was not held up.
+    publisher.ping_pong().await;
     server.shutdown().await;
 }

@@ -678,7 +678,7 @@ impl Connection {
                         Ok(0) => return CloseReason::ClientClosed,
                         Ok(n) => {
                             buf.record(n, read_limit.map_or(room, |l| room.min(l)));
-                            let mut result = self.process(&mut buf.buf);
+                            let mut result = self.process(&mut buf);
                             // A CONNECT to judge pauses the batch; the ops
                             // after it wait for the verdict.
                             while result.is_ok() {
@@ -687,7 +687,7 @@ impl Connection {
                                 };
                                 self.wakes.wake_all();
                                 result = match self.authenticate(options).await {
-                                    Ok(()) => self.process(&mut buf.buf),
+                                    Ok(()) => self.process(&mut buf),
                                     Err(reason) => Err(reason),
                                 };
                             }
@@ -725,7 +725,11 @@ impl Connection {
     }
 
     /// Handles every complete op in `buf`, with the current settings.
-    fn process(&mut self, buf: &mut BytesMut) -> Result<(), CloseReason> {
+    fn process(&mut self, read: &mut ReadBuffer) -> Result<(), CloseReason> {
+        // Every op parsed here lies in the allocation the buffer has read
+        // into since `prepare` (which alone replaces it).
+        let pins = read.alloc();
+        let buf = &mut read.buf;
         if self.live.version != self.server.live_version() {
             self.live = self.server.live();
         }
@@ -738,7 +742,10 @@ impl Connection {
                 return Err(self.auth_violation(&"operation before CONNECT"));
             }
             match parse_client_op(buf, &limits) {
-                Ok(Some(op)) => {
+                Ok(Some(mut op)) => {
+                    if let ClientOp::Pub(msg) = &mut op {
+                        msg.set_pins(pins);
+                    }
                     self.handle(op)?;
                     if self.pending_connect.is_some() {
                         return Ok(());
