@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use dashmap::DashMap;
 use parking_lot::RwLock;
 use smallvec::SmallVec;
@@ -673,12 +673,8 @@ impl ServerState {
         scope: Scope,
         handler: Arc<dyn InternalSubscriber>,
     ) -> Result<Arc<Subscription>, InvalidSubject> {
-        let mut sub = Subscription::new(
-            Bytes::copy_from_slice(subject.as_bytes()),
-            None,
-            Bytes::new(),
-            Subscriber::Internal(handler),
-        );
+        let mut sub =
+            Subscription::new(subject.as_bytes(), None, b"", Subscriber::Internal(handler));
         if scope == Scope::Node {
             sub = sub.node_only();
         }

@@ -50,6 +50,11 @@ pub trait InternalSubscriber: Send + Sync {
 
 /// One subscription. Equality is identity (`id`), so two subscriptions with
 /// the same subject stay distinct in the sublist.
+///
+/// Its subject, queue and sid live in one small allocation of its own, never
+/// in the buffer the SUB (or `RS+`) was read from: a subscription lasts for
+/// the connection's lifetime, and a 20-byte subject that is a slice of a
+/// 64 KiB read buffer would keep all of it alive.
 pub struct Subscription {
     id: u64,
     pub subject: Bytes,
@@ -94,12 +99,22 @@ pub enum Delivery {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Subscription {
-    pub fn new(subject: Bytes, queue: Option<Bytes>, sid: Bytes, subscriber: Subscriber) -> Self {
+    /// A subscription to `subject` (in queue group `queue`) with the
+    /// subscriber's `sid`; all three are copied (see the type's docs).
+    pub fn new(subject: &[u8], queue: Option<&[u8]>, sid: &[u8], subscriber: Subscriber) -> Self {
+        // One allocation for the three: `sid` then `subject` then `queue`.
+        let queue_len = queue.map_or(0, <[u8]>::len);
+        let mut own = Vec::with_capacity(sid.len() + subject.len() + queue_len);
+        own.extend_from_slice(sid);
+        own.extend_from_slice(subject);
+        own.extend_from_slice(queue.unwrap_or_default());
+        let own = Bytes::from(own);
+        let subject_end = sid.len() + subject.len();
         Subscription {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            subject,
-            queue,
-            sid,
+            subject: own.slice(sid.len()..subject_end),
+            queue: queue.map(|_| own.slice(subject_end..)),
+            sid: own.slice(..sid.len()),
             subscriber,
             max: AtomicU64::new(0),
             delivered: AtomicU64::new(0),

@@ -507,3 +507,76 @@ async fn ops_pipelined_after_connect_wait_for_the_verdict() {
     );
     server.shutdown().await;
 }
+
+/// Writes `head` and then up to 1008 KiB of `filler` (in 16 KiB writes, until
+/// the server stops taking them) on a fresh connection that has read INFO,
+/// and returns everything the server sent until it closed.
+async fn send_before_login(server: &ServerHandle, head: &[u8], filler: u8) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (raw, _) = Raw::connect_info(server.addr()).await;
+    let (mut read, mut write) = raw.stream.into_split();
+    let head = head.to_vec();
+    let writer = tokio::spawn(async move {
+        if write.write_all(&head).await.is_err() {
+            return;
+        }
+        let chunk = vec![filler; 16 * 1024];
+        for _ in 0..63 {
+            if write.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        // Hold the connection open: the server must answer without the
+        // client closing (which would end the wait for a payload too).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut received = Vec::new();
+    within("the server to refuse and close", async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// Before it has logged in, a client cannot make the server buffer more
+/// than a control line: an op other than CONNECT is refused at its first
+/// byte (as nats-server does), not after its payload has been read, and a
+/// CONNECT line without an end is cut off at `max_control_line`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_has_not_logged_in_cannot_make_the_server_buffer_much() {
+    // An auth timeout longer than the test waits: only the refusal itself
+    // may close these connections.
+    let server = start_auth("token = \"s3cr3t\"\ntimeout = \"60s\"\n").await;
+    let started = std::time::Instant::now();
+    // A PUB just under max_payload (1 MiB) whose payload never fully
+    // arrives.
+    let said = send_before_login(&server, b"PUB foo 1048000\r\n", b'x').await;
+    assert_eq!(said, VIOLATION, "a large PUB before CONNECT");
+    // About 1 MiB of garbage without a line end.
+    let said = send_before_login(&server, b"", b'x').await;
+    assert_eq!(said, VIOLATION, "garbage before CONNECT");
+    // A CONNECT that never ends.
+    let said = send_before_login(&server, b"CONNECT {\"auth_token\":\"", b'a').await;
+    assert_eq!(
+        said, "-ERR 'maximum control line exceeded'\r\n",
+        "an endless CONNECT"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refusals took {:?}",
+        started.elapsed()
+    );
+    // A good login still works, pipelined ops included.
+    let (mut raw, _) = Raw::connect_info(server.addr()).await;
+    raw.send("CONNECT {\"verbose\":false,\"auth_token\":\"s3cr3t\"}\r\nSUB a 1\r\nPUB a 1\r\nx\r\nPING\r\n")
+        .await;
+    raw.expect("MSG a 1 1\r\nx\r\nPONG\r\n").await;
+    server.shutdown().await;
+}

@@ -17,7 +17,10 @@
 //! [`Authenticator`](crate::auth::Authenticator), INFO says
 //! `auth_required` (with a nonce when nkey users exist), the first op must be
 //! a CONNECT with good credentials within the auth timeout, and anything
-//! else closes the connection. The accepted client's permissions are checked
+//! else closes the connection: refused at its first byte, as nats-server
+//! does, and until CONNECT is accepted the reader takes in no more than
+//! `max_control_line` bytes, so a client that has not logged in cannot make
+//! the server buffer a payload or an endless line. The accepted client's permissions are checked
 //! on each PUB (through a per-connection [`PublishCache`]) and SUB, and at
 //! delivery for subscriptions flagged by [`SubscribeCheck::Filtered`].
 //!
@@ -59,8 +62,8 @@ use crate::auth::{
     AUTH_TIMEOUT, AUTH_VIOLATION,
 };
 use crate::protocol::{
-    encode_err, encode_info, parse_client_op, ClientOp, ConnectOptions, Message, ProtocolError, OK,
-    PING, PONG,
+    encode_err, encode_info, parse_client_op, ClientOp, ConnectOptions, Message, ProtocolError,
+    CRLF, OK, PING, PONG,
 };
 use crate::server::{Live, ServerState};
 use crate::subject;
@@ -651,6 +654,7 @@ impl Connection {
         tokio::pin!(auth_deadline);
         loop {
             let room = buf.prepare();
+            let read_limit = self.pre_connect_read_limit(buf.buf.len());
             tokio::select! {
                 biased;
                 reason = client.killed() => return reason,
@@ -669,12 +673,12 @@ impl Connection {
                         return reason;
                     }
                 }
-                read = reader.read_buf(&mut buf.buf) => {
+                read = read_some(&mut reader, &mut buf.buf, read_limit) => {
                     match read {
                         Ok(0) => return CloseReason::ClientClosed,
                         Ok(n) => {
-                            buf.record(n, room);
-                            let mut result = self.process(&mut buf.buf);
+                            buf.record(n, read_limit.map_or(room, |l| room.min(l)));
+                            let mut result = self.process(&mut buf);
                             // A CONNECT to judge pauses the batch; the ops
                             // after it wait for the verdict.
                             while result.is_ok() {
@@ -683,7 +687,7 @@ impl Connection {
                                 };
                                 self.wakes.wake_all();
                                 result = match self.authenticate(options).await {
-                                    Ok(()) => self.process(&mut buf.buf),
+                                    Ok(()) => self.process(&mut buf),
                                     Err(reason) => Err(reason),
                                 };
                             }
@@ -704,15 +708,44 @@ impl Connection {
         }
     }
 
+    /// How much the next read may take while the client has yet to log in
+    /// (`None`: no limit but the buffer's room). Until its CONNECT is
+    /// accepted, a client that must authenticate can send nothing but that
+    /// one control line, so the server never holds more than
+    /// `max_control_line` and its line end for it, however much it sends.
+    fn pre_connect_read_limit(&self, buffered: usize) -> Option<usize> {
+        if !self.awaiting_auth {
+            return None;
+        }
+        let most = self.live.limits.max_control_line + CRLF.len();
+        // Never 0: a read of 0 bytes would look like the end of the stream.
+        // (What is buffered is at most `most - 1`: a longer line without its
+        // end is refused by the parser.)
+        Some(most.saturating_sub(buffered).max(1))
+    }
+
     /// Handles every complete op in `buf`, with the current settings.
-    fn process(&mut self, buf: &mut BytesMut) -> Result<(), CloseReason> {
+    fn process(&mut self, read: &mut ReadBuffer) -> Result<(), CloseReason> {
+        // Every op parsed here lies in the allocation the buffer has read
+        // into since `prepare` (which alone replaces it).
+        let pins = read.alloc();
+        let buf = &mut read.buf;
         if self.live.version != self.server.live_version() {
             self.live = self.server.live();
         }
         let limits = self.live.limits;
         loop {
+            // nats-server refuses at the first byte that cannot start
+            // CONNECT, rather than waiting for the whole op: a PUB's payload
+            // is never buffered for a client that has not logged in.
+            if self.awaiting_auth && buf.first().is_some_and(|b| !b.eq_ignore_ascii_case(&b'C')) {
+                return Err(self.auth_violation(&"operation before CONNECT"));
+            }
             match parse_client_op(buf, &limits) {
-                Ok(Some(op)) => {
+                Ok(Some(mut op)) => {
+                    if let ClientOp::Pub(msg) = &mut op {
+                        msg.set_pins(pins);
+                    }
                     self.handle(op)?;
                     if self.pending_connect.is_some() {
                         return Ok(());
@@ -939,16 +972,18 @@ impl Connection {
                 return;
             } else {
                 let mut sub = Subscription::new(
-                    subject,
-                    queue,
-                    sid.clone(),
+                    &subject,
+                    queue.as_deref(),
+                    &sid,
                     Subscriber::Client(Arc::clone(&self.client)),
                 );
                 if check == SubscribeCheck::Filtered {
                     sub = sub.with_deny_filter();
                 }
                 let sub = Arc::new(sub);
-                subs.insert(sid, Arc::clone(&sub));
+                // Keyed by the subscription's own copy of the sid, not the
+                // parsed one (a slice of the read buffer).
+                subs.insert(sub.sid.clone(), Arc::clone(&sub));
                 Some(sub)
             }
         };
@@ -1057,6 +1092,18 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     let _ = timeout(deadline, writer.shutdown()).await;
+}
+
+/// One read into `buf`, of at most `limit` bytes if given.
+async fn read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    limit: Option<usize>,
+) -> std::io::Result<usize> {
+    match limit {
+        Some(limit) => reader.take(limit as u64).read_buf(buf).await,
+        None => reader.read_buf(buf).await,
+    }
 }
 
 /// One vectored write of the front of `chunks`; drops what was written.

@@ -11,13 +11,25 @@
 //!   A push that would exceed it does not enqueue: the client is marked a slow
 //!   consumer and cut off. Messages are never silently dropped for a client
 //!   that stays connected, and a publisher never waits on a slow reader.
+//! - What counts against `max_pending` is the memory the queue keeps alive,
+//!   not only the bytes it will write: a payload shared with the publisher's
+//!   read buffer keeps that whole buffer alive, and is charged for all of it
+//!   (see below), until the batch it was taken in has been written.
 //! - Frames are appended whole under the lock, so the writer only ever sees
 //!   complete frames and a batch boundary is a frame boundary.
-//! - Payloads of at least [`SHARE_MIN`] bytes are queued as `Bytes` slices of
-//!   the publisher's read buffer (zero-copy). Smaller ones are copied into
-//!   the control-line arena: a few bytes copied cost less than a refcount and
-//!   an iovec, and a tiny slice must not pin a whole 64 KiB read buffer in a
-//!   slow consumer's queue (which would make `max_pending` meaningless).
+//!
+//! Shared or copied: a payload is queued as a `Bytes` slice of the
+//! publisher's read buffer (zero-copy) when it is at least [`SHARE_MIN`]
+//! bytes and makes up at least half of the allocation it lies in
+//! ([`Message::pins`]); it is then charged for that allocation, at most
+//! twice its size. Any other payload is copied into the control-line arena,
+//! where it costs exactly its size: a few bytes copied cost less than a
+//! refcount and an iovec, and a 4 KiB message must not keep a 64 KiB read
+//! buffer alive in a slow consumer's queue (with only slices, a queue of
+//! 4 MiB could hold 64 MiB). In practice large messages, which fill their
+//! read buffers, are shared, and the rest are copied with no allocation of
+//! their own (the arena grows in large steps). The deciding test is one
+//! comparison per message.
 
 use std::collections::VecDeque;
 
@@ -58,10 +70,18 @@ pub struct Pushed {
 struct Queue {
     /// Complete, ready-to-write chunks, oldest first.
     chunks: VecDeque<Bytes>,
-    /// Bytes appended after the last chunk: control lines and small payloads.
+    /// Bytes appended after the last chunk: control lines and copied
+    /// payloads.
     arena: BytesMut,
-    /// Bytes queued or being written, against `max_pending`.
+    /// Bytes queued or being written, plus what shared payloads pin beyond
+    /// themselves: checked against `max_pending`.
     pending: usize,
+    /// The part of `pending` charged for what shared payloads pin beyond
+    /// their own bytes: for those still queued, and for those the writer
+    /// took in its last batch (given back when it comes for the next one,
+    /// as by then it has written and dropped them).
+    pinned_queued: usize,
+    pinned_taken: usize,
     /// The writer has been asked to run and has not yet taken the queue.
     wake_requested: bool,
     closed: bool,
@@ -85,6 +105,8 @@ impl Outbound {
                 chunks: VecDeque::new(),
                 arena: BytesMut::new(),
                 pending: 0,
+                pinned_queued: 0,
+                pinned_taken: 0,
                 wake_requested: false,
                 closed: false,
                 msgs: 0,
@@ -120,8 +142,8 @@ impl Outbound {
 
     /// Queues one frame carrying (part of) `msg`'s body: the control line
     /// `encode_line` writes (at most `line_len` bytes), then `payload` (a
-    /// tail of `msg.payload()`), then CRLF. The payload is shared, not
-    /// copied, from [`SHARE_MIN`] bytes up.
+    /// tail of `msg.payload()`), then CRLF. The payload is shared or copied
+    /// as the module docs say.
     pub fn push_frame(
         &self,
         line_len: usize,
@@ -129,24 +151,29 @@ impl Outbound {
         payload: &[u8],
         encode_line: impl FnOnce(&mut BytesMut),
     ) -> Result<Pushed, PushError> {
-        let bound = line_len + payload.len() + CRLF.len();
+        // What sharing would keep alive beyond the payload itself.
+        let beyond = msg.pins().saturating_sub(payload.len());
+        let share = payload.len() >= SHARE_MIN && beyond <= payload.len();
+        let pinned = if share { beyond } else { 0 };
+        let bound = line_len + payload.len() + CRLF.len() + pinned;
         self.push_with(bound, |q| {
             q.reserve(line_len + SHARE_MIN);
             let mark = q.arena.len();
             encode_line(&mut q.arena);
             let added = q.arena.len() - mark + payload.len() + CRLF.len();
-            if payload.len() >= SHARE_MIN {
+            if share {
                 let head = q.arena.split().freeze();
                 q.chunks.push_back(head);
                 let body = msg.payload_bytes();
                 q.chunks.push_back(body.slice(body.len() - payload.len()..));
+                q.pinned_queued += pinned;
             } else {
                 q.arena.put_slice(payload);
             }
             q.arena.put_slice(CRLF);
             q.msgs += 1;
             q.msg_bytes += payload.len() as u64;
-            added
+            added + pinned
         })
     }
 
@@ -191,7 +218,8 @@ impl Outbound {
         self.notify.notify_one();
     }
 
-    /// Bytes queued or being written.
+    /// Bytes queued or being written, with what shared payloads among them
+    /// keep alive (see the module docs).
     pub fn pending(&self) -> usize {
         self.queue.lock().pending
     }
@@ -205,9 +233,14 @@ impl Outbound {
     /// Writer side: records that `written` bytes left, then moves every queued
     /// chunk into `into` (which must be empty). Returns `false` when there is
     /// nothing to write and the queue is closed: the writer is done.
+    ///
+    /// `into` being empty means the chunks of the previous batch have all
+    /// been written and dropped, so the buffers they pinned are released.
     pub(crate) fn take(&self, written: usize, into: &mut VecDeque<Bytes>) -> bool {
         let mut q = self.queue.lock();
-        q.pending -= written.min(q.pending);
+        let released = written + q.pinned_taken;
+        q.pending -= released.min(q.pending);
+        q.pinned_taken = std::mem::take(&mut q.pinned_queued);
         q.wake_requested = false;
         if !q.arena.is_empty() {
             let tail = q.arena.split().freeze();
@@ -279,6 +312,44 @@ mod tests {
         let m = Message::new(b"foo", None, Some(12), b"NATS/1.0\r\n\r\nhi");
         out.push_msg(b"1", &m, false).unwrap();
         assert_eq!(drain(&out), b"MSG foo 1 2\r\nhi\r\n");
+    }
+
+    /// `msg(payload)` as if parsed from a read buffer of `pins` bytes.
+    fn parsed(payload: &[u8], pins: usize) -> Message {
+        let mut m = msg(payload);
+        m.set_pins(pins);
+        m
+    }
+
+    #[test]
+    fn payloads_are_shared_only_when_they_fill_half_their_buffer() {
+        let out = Outbound::new(1 << 20);
+        let payload = vec![b'x'; 4096];
+        let frame = 4096 + "MSG foo 1 4096\r\n\r\n".len();
+        // Alone in its buffer: shared, charged for the whole buffer.
+        out.push_msg(b"1", &parsed(&payload, 8192), true).unwrap();
+        assert_eq!(out.pending(), frame + 4096);
+        // A small part of a large buffer: copied, charged for itself.
+        out.push_msg(b"1", &parsed(&payload, 64 * 1024), true)
+            .unwrap();
+        assert_eq!(out.pending(), 2 * frame + 4096);
+        // Unknown buffer (`Message::from_parts`' default): copied.
+        out.push_msg(b"1", &parsed(&payload, usize::MAX), true)
+            .unwrap();
+        assert_eq!(out.pending(), 3 * frame + 4096);
+        let mut chunks = VecDeque::new();
+        out.take(0, &mut chunks);
+        // The shared payload is a chunk of its own; the copied ones are in
+        // the arena with the control lines.
+        assert!(chunks.iter().any(|c| c.len() == 4096));
+        let written: usize = chunks.iter().map(Bytes::len).sum();
+        assert_eq!(written, 3 * frame);
+        // Still charged while the batch is being written...
+        assert_eq!(out.pending(), 3 * frame + 4096);
+        // ...and released once the writer is back for more.
+        chunks.clear();
+        out.take(written, &mut chunks);
+        assert_eq!(out.pending(), 0);
     }
 
     #[test]

@@ -508,20 +508,23 @@ impl Connection {
         queue: Option<Bytes>,
         members: u32,
     ) -> Result<(), CloseReason> {
-        let key = (subject, queue);
         let mut subs = self.route.subs.lock();
-        if let Some(sub) = subs.get(&key) {
+        if let Some(sub) = subs.get(&(subject.clone(), queue.clone())) {
             sub.set_queue_weight(members);
             return Ok(());
         }
+        // The subscription copies subject and queue out of the read buffer,
+        // and the map is keyed by that copy, so that nothing kept for the
+        // peer's interest pins the buffer the `RS+` arrived in.
         let sub = Arc::new(Subscription::new(
-            key.0.clone(),
-            key.1.clone(),
-            Bytes::new(),
+            &subject,
+            queue.as_deref(),
+            b"",
             Subscriber::Route(Arc::clone(&self.route)),
         ));
         // Before it is in the sublist, so no message sees a wrong weight.
         sub.set_queue_weight(members);
+        let key = (sub.subject.clone(), sub.queue.clone());
         // A peer's interest is not local: the server does not tell the
         // other peers about it (`Subscription::propagates`).
         if self.server.add_subscription(&sub).is_err() {

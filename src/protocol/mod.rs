@@ -7,7 +7,8 @@
 //!
 //! Invariants:
 //! - Parsing never copies a payload: [`Message::payload`] is a `Bytes` slice of
-//!   the read buffer the op was parsed from.
+//!   the read buffer the op was parsed from (and [`Message::pins`] how much
+//!   memory that keeps alive, once the reader has said).
 //! - Parsing gives the same ops however the input is split into reads: the
 //!   parser consumes nothing until a whole op (control line and payload) is
 //!   buffered.
@@ -42,6 +43,11 @@ use bytes::Bytes;
 /// bytes in the read buffer), so a message costs one reference count however
 /// many parts are looked at, and [`Message::payload_bytes`] shares the body
 /// without copying.
+///
+/// A view keeps the whole allocation behind `buf` alive (for a parsed op,
+/// the read buffer it arrived in), which may be much larger than the
+/// message: [`Message::pins`] says how large, so that whoever keeps the body
+/// for long (an outbound queue) can copy it instead.
 #[derive(Clone)]
 pub struct Message {
     buf: Bytes,
@@ -49,6 +55,8 @@ pub struct Message {
     reply: Option<Range<usize>>,
     payload: Range<usize>,
     header_len: Option<usize>,
+    /// An upper bound of the bytes `buf`'s allocation holds.
+    pins: usize,
 }
 
 impl Message {
@@ -71,6 +79,7 @@ impl Message {
         let reply = reply.map(&mut part);
         let payload = part(payload);
         Message {
+            pins: buf.capacity(),
             buf: Bytes::from(buf),
             subject,
             reply,
@@ -81,6 +90,9 @@ impl Message {
 
     /// A message whose parts are the given ranges of `buf` (the parser's
     /// zero-copy constructor). The ranges must lie within `buf`.
+    ///
+    /// How much memory `buf` keeps alive is unknown here, so it is taken to
+    /// be unbounded until [`Message::set_pins`] says otherwise.
     pub(crate) fn from_parts(
         buf: Bytes,
         subject: Range<usize>,
@@ -94,7 +106,21 @@ impl Message {
             reply,
             payload,
             header_len,
+            pins: usize::MAX,
         }
+    }
+
+    /// Bytes of memory this message's buffer keeps alive, at most (for a
+    /// parsed one, the size of the read buffer it was cut from, once its
+    /// reader has said so; `usize::MAX` when unknown).
+    pub fn pins(&self) -> usize {
+        self.pins
+    }
+
+    /// Records that this message's buffer keeps at most `bytes` alive (the
+    /// reader that parsed it knows its read buffer's size).
+    pub fn set_pins(&mut self, bytes: usize) {
+        self.pins = bytes;
     }
 
     pub fn subject(&self) -> &[u8] {
