@@ -819,20 +819,12 @@ impl Connection {
     /// bcrypt verification takes milliseconds by design, which must not
     /// stall the other connections of this worker thread.
     async fn authenticate(&mut self, options: ConnectOptions) -> Result<(), CloseReason> {
-        let auth = self.auth.clone();
+        let Some(auth) = self.auth.clone() else {
+            return Err(self.auth_violation(&"no authenticator"));
+        };
         let (nonce, cert) = (self.nonce.clone(), self.cert.clone());
-        let judged = tokio::task::spawn_blocking(move || {
-            let auth = auth.as_ref()?;
-            Some(
-                auth.authenticate(&options, nonce.as_deref(), cert.as_ref())
-                    .map(|a| (a, options)),
-            )
-        })
-        .await;
-        let (accepted, options) = match judged {
-            Ok(Some(Ok(accepted))) => accepted,
-            Ok(Some(Err(e))) => return Err(self.auth_violation(&e)),
-            Ok(None) => return Err(self.auth_violation(&"no authenticator")),
+        let (accepted, options) = match auth.authenticate_off_thread(options, nonce, cert).await {
+            Ok(accepted) => accepted,
             Err(e) => return Err(self.auth_violation(&e)),
         };
         self.awaiting_auth = false;

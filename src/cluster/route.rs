@@ -412,7 +412,8 @@ impl Connection {
         let link = Arc::clone(&self.route.link);
         let shutdown = self.server.shutdown.clone();
         // Ops that arrived with the peer's INFO.
-        if let Err(reason) = self.process(&mut buf.buf) {
+        let pins = buf.alloc();
+        if let Err(reason) = self.process(&mut buf.buf, pins) {
             return reason;
         }
         loop {
@@ -432,7 +433,8 @@ impl Connection {
                     Ok(0) => return CloseReason::ClientClosed,
                     Ok(n) => {
                         buf.record(n, room);
-                        let result = self.process(&mut buf.buf);
+                        let pins = buf.alloc();
+                        let result = self.process(&mut buf.buf, pins);
                         self.wakes.wake_all();
                         self.route.link.add_received(&mut self.received);
                         buf.settle();
@@ -449,11 +451,17 @@ impl Connection {
         }
     }
 
-    /// Handles every complete op in `buf`.
-    fn process(&mut self, buf: &mut BytesMut) -> Result<(), CloseReason> {
+    /// Handles every complete op in `buf`, whose allocation is `pins`
+    /// bytes (what a payload shared from it keeps alive).
+    fn process(&mut self, buf: &mut BytesMut, pins: usize) -> Result<(), CloseReason> {
         loop {
             match parse_route_op(buf, &self.server.limits) {
-                Ok(Some(op)) => self.handle(op)?,
+                Ok(Some(mut op)) => {
+                    if let RouteOp::Msg { message, .. } = &mut op {
+                        message.set_pins(pins);
+                    }
+                    self.handle(op)?
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.protocol_error(&e)),
             }
