@@ -21,6 +21,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod connection;
 pub(crate) mod fsutil;
 pub mod lame_duck;
 pub mod metrics;

@@ -38,9 +38,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::client::{self, ClientShared, CloseReason, Counts, WakeList};
+use crate::client::{self, ClientShared};
 use crate::cluster::{names_queue, Cluster, Route};
 use crate::config::Config;
+use crate::connection::{CloseReason, Counts, WakeList};
 use crate::protocol::{encode_info, Limits, Message, ServerInfo};
 use crate::store::StoreError;
 use crate::stream::{JetStream, JetStreamError};
@@ -776,7 +777,7 @@ impl ServerStats {
     }
 
     /// A connection (client or route) ended: keep its traffic in the totals.
-    pub(crate) fn closed(&self, conn: &ClientShared, reason: CloseReason) {
+    pub(crate) fn closed(&self, conn: &crate::connection::Link, reason: CloseReason) {
         if matches!(
             reason,
             CloseReason::SlowConsumerPendingBytes | CloseReason::SlowConsumerWriteDeadline

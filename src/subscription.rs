@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::client::{ClientShared, WakeList};
+use crate::client::ClientShared;
 use crate::cluster::Route;
+use crate::connection::WakeList;
 use crate::protocol::Message;
 
 /// Who receives what a subscription matches.

@@ -37,30 +37,23 @@
 //! of the client's subscriptions from the sublist (breaking the
 //! `Subscription → ClientShared` reference cycle) and deregisters it.
 
-mod outbound;
-mod read_buffer;
-
-pub use outbound::{Outbound, PushError, Pushed, SHARE_MIN};
-pub(crate) use read_buffer::ReadBuffer;
-
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
-use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{
     Authenticator, PermissionViolation, Permissions, PublishCache, Replies, SubscribeCheck,
     AUTH_TIMEOUT, AUTH_VIOLATION,
 };
+use crate::connection::{read_some, write_loop, CloseReason, Link, ReadBuffer, WakeList};
 use crate::protocol::{
     encode_err, encode_info, parse_client_op, ClientOp, ConnectOptions, Message, ProtocolError,
     CRLF, OK, PING, PONG,
@@ -70,69 +63,8 @@ use crate::subject;
 use crate::subscription::{Subscriber, Subscription};
 use crate::tls::{self, PeerIdentity};
 
-/// Most iovecs handed to one vectored write.
-const MAX_IOVECS: usize = 64;
 /// The status a request gets when nobody is subscribed to its subject.
 const NO_RESPONDERS: &[u8] = b"NATS/1.0 503\r\n\r\n";
-
-/// Why a connection ended, in nats-server's words (as in its `/connz`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    ClientClosed,
-    ServerShutdown,
-    ReadError,
-    WriteError,
-    ParseError,
-    MaxPayloadExceeded,
-    MaxControlLineExceeded,
-    StaleConnection,
-    SlowConsumerPendingBytes,
-    SlowConsumerWriteDeadline,
-    AuthenticationTimeout,
-    AuthenticationViolation,
-    /// A route closed because another one to the same peer is kept.
-    DuplicateRoute,
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CloseReason::ClientClosed => "Client Closed",
-            CloseReason::ServerShutdown => "Server Shutdown",
-            CloseReason::ReadError => "Read Error",
-            CloseReason::WriteError => "Write Error",
-            CloseReason::ParseError => "Parse Error",
-            CloseReason::MaxPayloadExceeded => "Maximum Message Payload Exceeded",
-            CloseReason::MaxControlLineExceeded => "Maximum Control Line Exceeded",
-            CloseReason::StaleConnection => "Stale Connection",
-            CloseReason::SlowConsumerPendingBytes => "Slow Consumer (Pending Bytes)",
-            CloseReason::SlowConsumerWriteDeadline => "Slow Consumer (Write Deadline)",
-            CloseReason::AuthenticationTimeout => "Authentication Timeout",
-            CloseReason::AuthenticationViolation => "Authentication Failure",
-            CloseReason::DuplicateRoute => "Duplicate Route",
-        })
-    }
-}
-
-/// Traffic of one connection or, summed, of the server, in nats-server's
-/// terms: messages (and their payload bytes) received from it and sent to
-/// it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counts {
-    pub in_msgs: u64,
-    pub in_bytes: u64,
-    pub out_msgs: u64,
-    pub out_bytes: u64,
-}
-
-impl std::ops::AddAssign for Counts {
-    fn add_assign(&mut self, other: Counts) {
-        self.in_msgs += other.in_msgs;
-        self.in_bytes += other.in_bytes;
-        self.out_msgs += other.out_msgs;
-        self.out_bytes += other.out_bytes;
-    }
-}
 
 /// What a connection said about itself and how it is secured, for
 /// monitoring (`/connz`).
@@ -147,33 +79,27 @@ pub struct Details {
     pub tls_cipher: Option<String>,
 }
 
-/// The part of a client other tasks may touch.
+/// The part of a client other tasks may touch: its [`Link`] (outbound
+/// queue, writer, kill switch, traffic counts), which it derefs to, and what
+/// only clients have.
 pub struct ClientShared {
-    pub id: u64,
-    pub addr: SocketAddr,
-    pub outbound: Outbound,
-    /// When the connection was accepted.
-    pub started: std::time::SystemTime,
-    /// Messages and payload bytes received, added once per read batch by
-    /// the reader (no atomic per message).
-    in_msgs: AtomicU64,
-    in_bytes: AtomicU64,
+    pub link: Arc<Link>,
     details: Mutex<Details>,
-    /// Cuts the connection off without flushing (slow consumer, write error).
-    kill: CancellationToken,
-    /// Asks the reader to end the connection as shutdown does, flushing
-    /// what is queued: how lame duck mode closes clients one by one.
-    close: CancellationToken,
-    /// Why it was cut off, for the reader's log line.
-    kill_reason: Mutex<Option<CloseReason>>,
     /// The client said `headers: true` in CONNECT.
     headers: AtomicBool,
     /// The client said `protocol: 1` in CONNECT: it takes INFO updates.
     info_updates: AtomicBool,
     subs: Mutex<HashMap<Bytes, Arc<Subscription>, ahash::RandomState>>,
-    name: Mutex<String>,
     /// Set once at CONNECT when the client's user has permissions.
     auth: OnceLock<ClientAuth>,
+}
+
+impl std::ops::Deref for ClientShared {
+    type Target = Link;
+
+    fn deref(&self) -> &Link {
+        &self.link
+    }
 }
 
 /// What delivery to a client with permissions needs to know.
@@ -184,24 +110,13 @@ struct ClientAuth {
 }
 
 impl ClientShared {
-    /// A connection's shared part; also what a cluster route uses as its
-    /// link (outbound queue, writer, kill switch).
     pub(crate) fn new(id: u64, addr: SocketAddr, max_pending: usize) -> ClientShared {
         ClientShared {
-            id,
-            addr,
-            outbound: Outbound::new(max_pending),
-            started: std::time::SystemTime::now(),
-            in_msgs: AtomicU64::new(0),
-            in_bytes: AtomicU64::new(0),
+            link: Arc::new(Link::new(id, addr, max_pending)),
             details: Mutex::new(Details::default()),
-            kill: CancellationToken::new(),
-            close: CancellationToken::new(),
-            kill_reason: Mutex::new(None),
             headers: AtomicBool::new(false),
             info_updates: AtomicBool::new(false),
             subs: Mutex::new(HashMap::default()),
-            name: Mutex::new(String::new()),
             auth: OnceLock::new(),
         }
     }
@@ -218,7 +133,7 @@ impl ClientShared {
         let pushed = self
             .outbound
             .push_msg(sid, msg, self.headers.load(Ordering::Relaxed));
-        let queued = self.queued(pushed, wakes);
+        let queued = self.link.queued(pushed, wakes);
         if queued {
             self.note_reply(msg);
         }
@@ -252,90 +167,11 @@ impl ClientShared {
             .is_some_and(|r| r.lock().consume(subject, std::time::Instant::now()))
     }
 
-    /// Settles a push: a writer to wake goes on `wakes`; a full queue cuts
-    /// the connection off as a slow consumer. Returns whether it queued.
-    pub(crate) fn queued(
-        self: &Arc<Self>,
-        pushed: Result<Pushed, PushError>,
-        wakes: &mut WakeList,
-    ) -> bool {
-        match pushed {
-            Ok(Pushed { wake }) => {
-                if wake {
-                    wakes.0.push(Arc::clone(self));
-                }
-                true
-            }
-            Err(PushError::SlowConsumer) => {
-                self.cut_off(CloseReason::SlowConsumerPendingBytes);
-                false
-            }
-            Err(PushError::Closed) => false,
-        }
-    }
-
-    /// Queues protocol bytes and wakes the writer at once (for lines sent
-    /// outside a read batch).
-    pub(crate) fn outbound_bytes(self: &Arc<Self>, bytes: &[u8]) {
-        let mut wakes = WakeList::default();
-        let pushed = self.outbound.push_bytes(bytes);
-        self.queued(pushed, &mut wakes);
-        wakes.wake_all();
-    }
-
     /// Sends an INFO update (`connect_urls` changed) if the client takes them.
     pub(crate) fn send_info_update(self: &Arc<Self>, line: &[u8]) {
         if self.info_updates.load(Ordering::Relaxed) {
-            self.outbound_bytes(line);
+            self.link.outbound_bytes(line);
         }
-    }
-
-    /// Resolves when the connection has been cut off, with the reason.
-    pub(crate) async fn killed(&self) -> CloseReason {
-        self.kill.cancelled().await;
-        self.kill_reason.lock().unwrap_or(CloseReason::WriteError)
-    }
-
-    /// Closes the outbound queue and lets the writer flush what is queued
-    /// within `deadline`; cuts it off after that.
-    pub(crate) async fn finish(
-        &self,
-        mut write_task: tokio::task::JoinHandle<()>,
-        deadline: std::time::Duration,
-    ) {
-        self.outbound.close();
-        if timeout(deadline, &mut write_task).await.is_err() {
-            self.kill.cancel();
-            let _ = write_task.await;
-        }
-    }
-
-    /// Ends the connection as shutdown does: what is queued is flushed
-    /// (within `write_deadline`), then it closes.
-    pub(crate) fn close(&self) {
-        self.close.cancel();
-    }
-
-    /// Closes the connection now, dropping what is queued.
-    pub(crate) fn cut_off(&self, reason: CloseReason) {
-        {
-            let mut slot = self.kill_reason.lock();
-            if slot.is_some() {
-                return;
-            }
-            *slot = Some(reason);
-        }
-        if matches!(
-            reason,
-            CloseReason::SlowConsumerPendingBytes | CloseReason::SlowConsumerWriteDeadline
-        ) {
-            tracing::warn!(
-                "{self} - Slow Consumer Detected: {reason}, pending {} bytes",
-                self.outbound.pending()
-            );
-        }
-        self.outbound.close();
-        self.kill.cancel();
     }
 
     /// Drops the subscription `sid` from this client's map (after the
@@ -357,58 +193,14 @@ impl ClientShared {
             .collect()
     }
 
-    /// The name the client gave in CONNECT (empty if none).
-    pub fn name(&self) -> String {
-        self.name.lock().clone()
-    }
-
     pub fn details(&self) -> Details {
         self.details.lock().clone()
-    }
-
-    /// This connection's traffic so far.
-    pub fn counts(&self) -> Counts {
-        let (out_msgs, out_bytes) = self.outbound.delivered();
-        Counts {
-            in_msgs: self.in_msgs.load(Ordering::Relaxed),
-            in_bytes: self.in_bytes.load(Ordering::Relaxed),
-            out_msgs,
-            out_bytes,
-        }
-    }
-
-    /// Adds a read batch's worth of received messages (and resets the
-    /// reader's tally).
-    pub(crate) fn add_received(&self, tally: &mut (u64, u64)) {
-        if tally.0 > 0 {
-            self.in_msgs.fetch_add(tally.0, Ordering::Relaxed);
-            self.in_bytes.fetch_add(tally.1, Ordering::Relaxed);
-            *tally = (0, 0);
-        }
     }
 }
 
 impl fmt::Display for ClientShared {
-    /// nats-server's log prefix: `addr - cid:N - "name"`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} - cid:{}", self.addr, self.id)?;
-        let name = self.name.lock();
-        if !name.is_empty() {
-            write!(f, " - \"{name}\"")?;
-        }
-        Ok(())
-    }
-}
-
-/// Writers to wake after a read batch, each once.
-#[derive(Default)]
-pub struct WakeList(Vec<Arc<ClientShared>>);
-
-impl WakeList {
-    pub fn wake_all(&mut self) {
-        for client in self.0.drain(..) {
-            client.outbound.wake();
-        }
+        self.link.fmt(f)
     }
 }
 
@@ -600,7 +392,7 @@ pub(crate) async fn serve_split<R, W>(
     tracing::debug!("{client} - Client connection created");
     let live = greeting.live;
     let write_task = tokio::spawn(write_loop(
-        Arc::clone(&client),
+        Arc::clone(&client.link),
         writer,
         live.config.write_deadline,
     ));
@@ -659,7 +451,7 @@ impl Connection {
                 biased;
                 reason = client.killed() => return reason,
                 _ = shutdown.cancelled() => return CloseReason::ServerShutdown,
-                _ = client.close.cancelled() => return CloseReason::ServerShutdown,
+                _ = client.close_requested() => return CloseReason::ServerShutdown,
                 _ = &mut auth_deadline, if self.awaiting_auth => {
                     tracing::debug!("{} - {AUTH_TIMEOUT}", self.client);
                     self.send_err(&AUTH_TIMEOUT);
@@ -1024,7 +816,7 @@ impl Connection {
 
     fn send(&mut self, bytes: &[u8]) {
         let pushed = self.client.outbound.push_bytes(bytes);
-        self.client.queued(pushed, &mut self.wakes);
+        self.client.link.queued(pushed, &mut self.wakes);
     }
 
     /// Removes every trace of the client from the server, then lets the
@@ -1042,97 +834,6 @@ impl Connection {
         self.server.stats.closed(&self.client, reason);
         tracing::debug!("{} - Client connection closed: {reason}", self.client);
     }
-}
-
-/// The writer task: takes whatever is queued and writes it, until the queue
-/// is closed and empty or the client is cut off.
-pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
-    client: Arc<ClientShared>,
-    mut writer: W,
-    deadline: std::time::Duration,
-) {
-    let mut chunks = VecDeque::new();
-    let mut written = 0;
-    loop {
-        if !client.outbound.take(written, &mut chunks) {
-            break;
-        }
-        written = 0;
-        if chunks.is_empty() {
-            tokio::select! {
-                _ = client.outbound.notified() => continue,
-                _ = client.kill.cancelled() => return,
-            }
-        }
-        while !chunks.is_empty() {
-            let result = tokio::select! {
-                r = timeout(deadline, write_some(&mut writer, &mut chunks)) => r,
-                _ = client.kill.cancelled() => return,
-            };
-            match result {
-                Ok(Ok(n)) => written += n,
-                Ok(Err(e)) => {
-                    tracing::debug!("{client} - write error: {e}");
-                    client.cut_off(CloseReason::WriteError);
-                    return;
-                }
-                Err(_) => {
-                    client.cut_off(CloseReason::SlowConsumerWriteDeadline);
-                    return;
-                }
-            }
-        }
-    }
-    let _ = timeout(deadline, writer.shutdown()).await;
-}
-
-/// One read into `buf`, of at most `limit` bytes if given.
-async fn read_some<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    limit: Option<usize>,
-) -> std::io::Result<usize> {
-    match limit {
-        Some(limit) => reader.take(limit as u64).read_buf(buf).await,
-        None => reader.read_buf(buf).await,
-    }
-}
-
-/// One vectored write of the front of `chunks`; drops what was written.
-async fn write_some<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    chunks: &mut VecDeque<Bytes>,
-) -> std::io::Result<usize> {
-    // The iovec array is built on the stack at each poll, not kept in the
-    // future: held across an `.await` it would add 1 KB to every
-    // connection's writer task, idle ones included.
-    let written = std::future::poll_fn(|cx| {
-        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-        let n = chunks
-            .iter()
-            .zip(slices.iter_mut())
-            .map(|(chunk, slice)| *slice = IoSlice::new(chunk))
-            .count();
-        std::pin::Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..n])
-    })
-    .await?;
-    if written == 0 {
-        return Err(std::io::ErrorKind::WriteZero.into());
-    }
-    let mut left = written;
-    while left > 0 {
-        let Some(front) = chunks.front_mut() else {
-            break;
-        };
-        if front.len() <= left {
-            left -= front.len();
-            chunks.pop_front();
-        } else {
-            front.advance(left);
-            left = 0;
-        }
-    }
-    Ok(written)
 }
 
 #[cfg(test)]
@@ -1161,7 +862,7 @@ mod tests {
         let size = std::mem::size_of_val(&serving);
         assert!(size <= 2560, "the reader's task future is {size} bytes");
         let (_peer, half) = tokio::io::duplex(64);
-        let writing = write_loop(Arc::clone(&client), half, Duration::from_secs(1));
+        let writing = write_loop(Arc::clone(&client.link), half, Duration::from_secs(1));
         let size = std::mem::size_of_val(&writing);
         assert!(size <= 512, "the writer's task future is {size} bytes");
     }

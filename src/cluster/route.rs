@@ -1,7 +1,7 @@
 //! One route: a connection to a peer node, from handshake to cleanup.
 //!
-//! A route reuses a client's outbound machinery ([`ClientShared`] as the
-//! *link*: the bounded outbound queue, the writer task, the kill switch), so
+//! A route is served on the same connection plumbing as a client (a
+//! [`Link`]: the bounded outbound queue, the writer task, the kill switch), so
 //! forwarding a message costs what delivering it to a local client costs,
 //! and a route that cannot keep up is cut off like a slow consumer (with the
 //! larger `cluster.max_pending` budget).
@@ -44,7 +44,7 @@ use super::protocol::{
     RouteConnect, RouteInfo, RouteOp,
 };
 use super::Cluster;
-use crate::client::{write_loop, ClientShared, CloseReason, ReadBuffer, WakeList};
+use crate::connection::{write_loop, CloseReason, Link, ReadBuffer, WakeList};
 use crate::protocol::{encode_err, Limits, Message, ProtocolError, PING, PONG};
 use crate::server::ServerState;
 use crate::subscription::{Subscriber, Subscription};
@@ -66,7 +66,7 @@ pub struct Route {
     pub client_addr: String,
     /// This node dialled the connection (the duplicate rule needs it).
     pub dialed: bool,
-    link: Arc<ClientShared>,
+    link: Arc<Link>,
     subs: Mutex<HashMap<InterestKey, Arc<Subscription>, ahash::RandomState>>,
     /// Cancelled when the route has ended and been forgotten.
     pub closed: CancellationToken,
@@ -102,7 +102,7 @@ impl Route {
     }
 
     /// Messages forwarded to the peer and received from it.
-    pub fn counts(&self) -> crate::client::Counts {
+    pub fn counts(&self) -> crate::connection::Counts {
         self.link.counts()
     }
 
@@ -154,7 +154,7 @@ pub(crate) enum Outcome {
 struct Handshake<R> {
     server: Arc<ServerState>,
     cluster: Arc<Cluster>,
-    link: Arc<ClientShared>,
+    link: Arc<Link>,
     reader: R,
     buf: ReadBuffer,
 }
@@ -173,7 +173,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let link = Arc::new(ClientShared::new(
+    let link = Arc::new(Link::new(
         server.next_client_id(),
         remote,
         cluster.config.max_pending,

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::{page, rfc3339, uptime, Monitor, Query, RequestError, DEFAULT_LIMIT};
-use crate::client::{ClientShared, Counts};
+use crate::client::ClientShared;
+use crate::connection::Counts;
 
 #[derive(Serialize)]
 pub(super) struct Connz {

@@ -53,7 +53,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use super::varz::ProcessStats;
 use super::{error, response, Monitor};
-use crate::client::Counts;
+use crate::connection::Counts;
 use crate::metrics::HistogramSnapshot;
 use crate::stream::{StreamReport, Usage};
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::WakeList;
+use crate::connection::WakeList;
 use crate::protocol::headers::{header_str, HeaderBlock};
 use crate::protocol::Message;
 use crate::store::{
