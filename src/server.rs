@@ -43,7 +43,6 @@ use crate::cluster::{names_queue, Cluster, Route};
 use crate::config::Config;
 use crate::connection::{CloseReason, Counts, WakeList};
 use crate::protocol::{encode_info, Limits, Message, ServerInfo};
-use crate::store::StoreError;
 use crate::stream::{JetStream, JetStreamError};
 use crate::sublist::{InvalidSubject, QueueGroup, Sublist};
 use crate::subscription::{Delivery, InternalSubscriber, Scope, Subscriber, Subscription};
@@ -895,7 +894,10 @@ async fn start_jetstream(state: &Arc<ServerState>) -> Result<(), StartError> {
             let _ = state.jetstream.set(js);
             tracing::info!("JetStream limits: {limits}");
         }
-        Err(JetStreamError::Store(e @ StoreError::Corrupt { .. })) => {
+        // Another process holding the store is a mistake to stop for;
+        // anything else wrong with the store's files (damage, a full
+        // disk) leaves the server up, saying why.
+        Err(JetStreamError::Store(e)) if !e.is_locked() => {
             let reason = e.to_string();
             tracing::error!("JetStream is offline: {reason}");
             crate::stream::serve_offline(state, &reason);

@@ -303,7 +303,8 @@ pub struct SyncGroup {
     state: Mutex<SyncState>,
     done: Condvar,
     fsyncs: AtomicU64,
-    marker: Mutex<std::fs::File>,
+    /// `None` when it could not be written at open (see `open`).
+    marker: Mutex<Option<std::fs::File>>,
     dir: PathBuf,
     /// The newest journal's id and a handle on it; used by the leader only.
     journal: Mutex<Option<(u64, std::fs::File)>>,
@@ -347,7 +348,13 @@ impl SyncGroup {
                 }
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(io("read")(e)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read {}: {e}; not checking this start for lost writes",
+                    path.display()
+                );
+                0
+            }
         };
         if recovered < synced {
             return Err(StoreError::corrupt(format!(
@@ -359,13 +366,17 @@ impl SyncGroup {
             )));
         }
         // Written whole before it is ever rewritten in place, so that the
-        // file never exists without a readable generation in it.
-        crate::fsutil::write_atomically(&path, &encode_marker(recovered), None)
-            .map_err(io("write"))?;
-        let marker = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(io("open"))?;
+        // file never exists without a readable generation in it. Advisory:
+        // should it not be written (a full disk), the store opens without it.
+        let marker = crate::fsutil::write_atomically(&path, &encode_marker(recovered), None)
+            .and_then(|()| std::fs::OpenOptions::new().write(true).open(&path))
+            .map_err(|e| {
+                tracing::warn!(
+                    "cannot write {}: {e}; lost writes will not be detected at the next start",
+                    path.display()
+                )
+            })
+            .ok();
         Ok(SyncGroup {
             db,
             catalog,
@@ -434,7 +445,9 @@ impl SyncGroup {
     fn write_marker(&self, synced: u64) -> Result<()> {
         use std::io::{Seek, Write};
         let file = self.marker.lock();
-        let mut f = &*file;
+        let Some(mut f) = file.as_ref() else {
+            return Ok(());
+        };
         f.seek(io::SeekFrom::Start(0))
             .and_then(|_| f.write_all(&encode_marker(synced)))
             .map_err(io_error(format!("write {MARKER_FILE}")))

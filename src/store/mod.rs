@@ -162,6 +162,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The store directory is in use by another process.
+    pub fn is_locked(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
     pub(crate) fn corrupt(context: impl Into<String>) -> StoreError {
         StoreError::Corrupt {
             context: context.into(),
