@@ -209,7 +209,7 @@ impl ApiError {
         )
     }
 
-    /// CONSUMER.CREATE.<stream> (no name token) with `durable_name` set.
+    /// `CONSUMER.CREATE.<stream>` (no name token) with `durable_name` set.
     pub fn ephemeral_with_durable_name() -> ApiError {
         ApiError::new(
             400,
