@@ -8,7 +8,9 @@
 //! number of bytes.
 //!
 //! Each layer has its own table: `[jetstream]` (its unset store limits
-//! resolved in [`limits`]), `[authorization]` (types in [`authorization`]),
+//! resolved in [`limits`]; the streams and consumers it declares,
+//! `[[jetstream.streams]]`, typed in [`streams`], the same types the
+//! JetStream API speaks), `[authorization]` (types in [`authorization`]),
 //! `[tls]`, `[cluster]` (types in [`cluster`]), `[http]` (types in
 //! [`http`]).
 
@@ -23,6 +25,7 @@ pub mod authorization;
 pub mod cluster;
 pub mod http;
 pub mod limits;
+pub mod streams;
 
 /// Everything the server needs to start. `Config::default()` is a working
 /// single node listening on `0.0.0.0:4222`.
@@ -187,7 +190,7 @@ pub struct JetStreamConfig {
     #[serde(deserialize_with = "de_opt_size")]
     pub max_file_store: Option<usize>,
     /// Streams (and their consumers) created or updated at start-up.
-    pub streams: Vec<crate::stream::api::StreamConfig>,
+    pub streams: Vec<streams::StreamConfig>,
 }
 
 impl Default for JetStreamConfig {
