@@ -332,7 +332,6 @@ impl SyncGroup {
             None => 0,
         };
         let path = dir.join(MARKER_FILE);
-        let io = |context: &str| io_error(format!("{context} {}", path.display()));
         let synced = match std::fs::read(&path) {
             Ok(bytes) => match decode_marker(&bytes) {
                 Some(synced) => synced,
