@@ -39,13 +39,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::client::{self, ClientShared};
-use crate::cluster::{names_queue, Cluster, Route};
+use crate::cluster::{names_queue, Cluster};
 use crate::config::Config;
 use crate::connection::{CloseReason, Counts, WakeList};
 use crate::protocol::{encode_info, Limits, Message, ServerInfo};
 use crate::stream::{JetStream, JetStreamError};
 use crate::sublist::{InvalidSubject, QueueGroup, Sublist};
-use crate::subscription::{Delivery, InternalSubscriber, Scope, Subscriber, Subscription};
+use crate::subscription::{Delivery, Peer, Scope, Subscriber, Subscription};
 use crate::tls::{ReloadableTls, ServerTls};
 
 pub use crate::reload::{ReloadError, Reloaded};
@@ -238,14 +238,15 @@ impl ServerHandle {
     pub fn peers_interested(&self, subject: &str) -> usize {
         let matches = self.state.sublist.matches(subject.as_bytes());
         let members = matches.queues.iter().flat_map(|g| g.members.iter());
-        let mut peers: Vec<&Arc<Route>> = matches
+        let mut peers: Vec<*const ()> = matches
             .plain
             .iter()
             .chain(members)
-            .filter_map(|s| s.route())
+            .filter_map(|s| s.peer())
+            .map(peer_address)
             .collect();
-        peers.sort_by_key(|r| Arc::as_ptr(r));
-        peers.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        peers.sort();
+        peers.dedup();
         peers.len()
     }
 
@@ -561,8 +562,8 @@ impl ServerState {
         let mut delivered = false;
         let mut forwards = Forwards::default();
         for sub in matches.plain.iter() {
-            match sub.route() {
-                Some(route) if origin.forwards() => forwards.add(route, None),
+            match sub.peer() {
+                Some(peer) if origin.forwards() => forwards.add(peer, None),
                 Some(_) => {}
                 None if origin.wants(sub) => delivered |= self.deliver(sub, msg, wakes),
                 None => {}
@@ -600,9 +601,9 @@ impl ServerState {
     ) -> bool {
         if origin.forwards() && !self.prefer_local_queue_members {
             if let Some(member) = group.pick_weighted(|s| s.queue_weight()) {
-                match member.route() {
-                    Some(route) => {
-                        forwards.add(route, Some(&group.name));
+                match member.peer() {
+                    Some(peer) => {
+                        forwards.add(peer, Some(&group.name));
                         return false;
                     }
                     None if origin.wants(member) && self.deliver(member, msg, wakes) => {
@@ -616,9 +617,9 @@ impl ServerState {
             return true;
         }
         if origin.forwards() {
-            let member = group.pick_where(|s| s.route().is_some());
-            if let Some(route) = member.and_then(|s| s.route()) {
-                forwards.add(route, Some(&group.name));
+            let member = group.pick_where(|s| s.peer().is_some());
+            if let Some(peer) = member.and_then(|s| s.peer()) {
+                forwards.add(peer, Some(&group.name));
             }
         }
         false
@@ -635,7 +636,7 @@ impl ServerState {
         wakes: &mut WakeList,
     ) -> bool {
         for _ in 0..group.members.len() {
-            let Some(sub) = group.pick_where(|s| s.route().is_none()) else {
+            let Some(sub) = group.pick_where(|s| s.peer().is_none()) else {
                 return false;
             };
             if origin.wants(sub) && self.deliver(sub, msg, wakes) {
@@ -671,10 +672,9 @@ impl ServerState {
         &self,
         subject: &str,
         scope: Scope,
-        handler: Arc<dyn InternalSubscriber>,
+        handler: Arc<dyn Subscriber>,
     ) -> Result<Arc<Subscription>, InvalidSubject> {
-        let mut sub =
-            Subscription::new(subject.as_bytes(), None, b"", Subscriber::Internal(handler));
+        let mut sub = Subscription::new(subject.as_bytes(), None, b"", handler);
         if scope == Scope::Node {
             sub = sub.node_only();
         }
@@ -704,9 +704,7 @@ impl ServerState {
     /// Removes a subscription from the sublist and from its client.
     pub fn remove_subscription(&self, sub: &Arc<Subscription>) {
         self.unlist_subscription(sub);
-        if let Some(client) = sub.client() {
-            client.forget_subscription(&sub.sid);
-        }
+        sub.subscriber.forget(&sub.sid);
     }
 
     /// The INFO a client is greeted with (before its own fields are set).
@@ -821,14 +819,14 @@ impl Origin<'_> {
     }
 
     fn wants(&self, sub: &Subscription) -> bool {
-        match (self, sub.client()) {
+        match (self, sub.subscriber.connection_id()) {
             (
                 Origin::Local {
                     skip_client: Some(skip),
                     ..
                 },
-                Some(c),
-            ) => c.id != *skip,
+                Some(id),
+            ) => id != *skip,
             _ => true,
         }
     }
@@ -841,14 +839,23 @@ impl Origin<'_> {
 struct Forwards<'a>(SmallVec<[Forward<'a>; 4]>);
 
 /// One peer and the queue groups it was chosen for.
-type Forward<'a> = (&'a Arc<Route>, SmallVec<[&'a [u8]; 2]>);
+type Forward<'a> = (&'a dyn Peer, SmallVec<[&'a [u8]; 2]>);
+
+/// A peer's identity: the address of the object behind it.
+fn peer_address(peer: &dyn Peer) -> *const () {
+    peer as *const dyn Peer as *const ()
+}
 
 impl<'a> Forwards<'a> {
-    fn add(&mut self, route: &'a Arc<Route>, queue: Option<&'a [u8]>) {
-        let at = match self.0.iter().position(|(r, _)| Arc::ptr_eq(r, route)) {
+    fn add(&mut self, peer: &'a dyn Peer, queue: Option<&'a [u8]>) {
+        let at = match self
+            .0
+            .iter()
+            .position(|(p, _)| peer_address(*p) == peer_address(peer))
+        {
             Some(at) => at,
             None => {
-                self.0.push((route, SmallVec::new()));
+                self.0.push((peer, SmallVec::new()));
                 self.0.len() - 1
             }
         };
@@ -860,8 +867,8 @@ impl<'a> Forwards<'a> {
     /// Queues one RMSG per peer; whether any was queued.
     fn send(&self, msg: &Message, wakes: &mut WakeList) -> bool {
         let mut sent = false;
-        for (route, queues) in &self.0 {
-            sent |= route.forward(msg, queues, wakes);
+        for (peer, queues) in &self.0 {
+            sent |= peer.forward(msg, queues, wakes);
         }
         sent
     }

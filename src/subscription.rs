@@ -1,32 +1,59 @@
 //! What a subscription is, and how one message is handed to it.
 //!
 //! The sublist stores `Arc<Subscription>`s; routing asks each matching one to
-//! [`Subscription::deliver`]. What happens then depends on the kind of
-//! subscriber behind it: a client connection, whose outbound queue gets the
-//! frame, or a handler inside the server (the durable-stream API, a stream
-//! capturing its subjects, acks). A cluster route stands for a peer node's
-//! interest: routing forwards to it (one `RMSG` per peer and message)
-//! instead of calling [`Subscription::deliver`].
+//! [`Subscription::deliver`], which hands the message to the [`Subscriber`]
+//! behind it. The core knows subscribers only by that trait: a client
+//! connection (its outbound queue gets the frame), a handler inside the
+//! server (the durable-stream API, a stream capturing its subjects, acks),
+//! or a peer node standing for remote interest ([`Subscriber::peer`]), to
+//! which routing forwards one message per peer instead of delivering.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::client::ClientShared;
-use crate::cluster::Route;
 use crate::connection::WakeList;
 use crate::protocol::Message;
 
 /// Who receives what a subscription matches.
-pub enum Subscriber {
-    /// A client connection: deliver as `MSG`/`HMSG` with the subscription's
-    /// sid.
-    Client(Arc<ClientShared>),
-    /// A handler inside the server.
-    Internal(Arc<dyn InternalSubscriber>),
-    /// A peer node whose clients (or streams) want these messages.
-    Route(Arc<Route>),
+///
+/// `deliver` runs on the publisher's task, in the middle of routing its
+/// read batch, so it must not block or wait: it queues the message (on an
+/// outbound queue whose writer goes on `wakes`, or on a bounded queue of
+/// its own task) and returns whether it took it.
+pub trait Subscriber: Send + Sync {
+    /// Takes `msg`, matched by this subscriber's subscription `sid`.
+    fn deliver(&self, sid: &[u8], msg: &Message, wakes: &mut WakeList) -> bool;
+
+    /// Whether a message on `subject` must not reach it; asked only for
+    /// subscriptions made with [`Subscription::with_deny_filter`].
+    fn denies(&self, _subject: &[u8]) -> bool {
+        false
+    }
+
+    /// The id of the connection it is, if it is one, so that a publisher
+    /// that asked not to get its own messages (`echo: false`) does not.
+    fn connection_id(&self) -> Option<u64> {
+        None
+    }
+
+    /// Subscription `sid` is gone from the sublist (auto-unsubscribe or
+    /// removal): forget what it keeps for it.
+    fn forget(&self, _sid: &[u8]) {}
+
+    /// A peer node whose clients (or streams) want what this subscription
+    /// matches: routing forwards to it itself, once per message and peer.
+    fn peer(&self) -> Option<&dyn Peer> {
+        None
+    }
+}
+
+/// A peer node messages are forwarded to.
+pub trait Peer: Send + Sync {
+    /// Queues `msg` for the peer, naming the queue groups it was chosen for
+    /// there; whether it was queued.
+    fn forward(&self, msg: &Message, queues: &[&[u8]], wakes: &mut WakeList) -> bool;
 }
 
 /// How far news of a subscription travels.
@@ -38,15 +65,6 @@ pub enum Scope {
     /// This node only: for handlers every node has its own of (the stream
     /// API), which must not answer requests made on other nodes.
     Node,
-}
-
-/// A subscriber inside the server.
-///
-/// `receive` runs on the publisher's task, in the middle of routing its read
-/// batch, so it must not block or wait: it queues work for a task of its own
-/// (with a bounded queue) and returns whether it accepted the message.
-pub trait InternalSubscriber: Send + Sync {
-    fn receive(&self, msg: &Message) -> bool;
 }
 
 /// One subscription. Equality is identity (`id`), so two subscriptions with
@@ -61,7 +79,7 @@ pub struct Subscription {
     pub subject: Bytes,
     pub queue: Option<Bytes>,
     pub sid: Bytes,
-    pub subscriber: Subscriber,
+    pub subscriber: Arc<dyn Subscriber>,
     /// Auto-unsubscribe after this many deliveries in total (0: never),
     /// nats-server's `UNSUB sid max` semantics.
     max: AtomicU64,
@@ -102,7 +120,12 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 impl Subscription {
     /// A subscription to `subject` (in queue group `queue`) with the
     /// subscriber's `sid`; all three are copied (see the type's docs).
-    pub fn new(subject: &[u8], queue: Option<&[u8]>, sid: &[u8], subscriber: Subscriber) -> Self {
+    pub fn new(
+        subject: &[u8],
+        queue: Option<&[u8]>,
+        sid: &[u8],
+        subscriber: Arc<dyn Subscriber>,
+    ) -> Self {
         // One allocation for the three: `sid` then `subject` then `queue`.
         let queue_len = queue.map_or(0, <[u8]>::len);
         let mut own = Vec::with_capacity(sid.len() + subject.len() + queue_len);
@@ -143,17 +166,14 @@ impl Subscription {
     }
 
     /// The peer node behind this subscription, if it stands for one.
-    pub fn route(&self) -> Option<&Arc<Route>> {
-        match &self.subscriber {
-            Subscriber::Route(route) => Some(route),
-            _ => None,
-        }
+    pub fn peer(&self) -> Option<&dyn Peer> {
+        self.subscriber.peer()
     }
 
     /// Whether peers must hear of this subscription: a local one (a client's
     /// or a handler's) that is not [`Scope::Node`].
     pub fn propagates(&self) -> bool {
-        self.scope == Scope::Cluster && self.route().is_none()
+        self.scope == Scope::Cluster && self.peer().is_none()
     }
 
     /// Marks a client subscription that overlaps subjects its client may
@@ -161,14 +181,6 @@ impl Subscription {
     pub fn with_deny_filter(mut self) -> Self {
         self.deny_filter = true;
         self
-    }
-
-    /// The client behind this subscription, if it is one.
-    pub fn client(&self) -> Option<&Arc<ClientShared>> {
-        match &self.subscriber {
-            Subscriber::Client(c) => Some(c),
-            _ => None,
-        }
     }
 
     /// Sets the auto-unsubscribe limit. Returns `true` if the subscription
@@ -182,12 +194,8 @@ impl Subscription {
     /// whole read batch costs each writer one wake.
     pub fn deliver(&self, msg: &Message, wakes: &mut WakeList) -> Delivery {
         // Checked before counting: a filtered message is not one of `max`.
-        if self.deny_filter {
-            if let Subscriber::Client(client) = &self.subscriber {
-                if client.denies_delivery(msg.subject()) {
-                    return Delivery::Skipped;
-                }
-            }
+        if self.deny_filter && self.subscriber.denies(msg.subject()) {
+            return Delivery::Skipped;
         }
         let n = self.delivered.fetch_add(1, Ordering::Relaxed) + 1;
         let max = self.max.load(Ordering::Relaxed);
@@ -195,12 +203,7 @@ impl Subscription {
             return Delivery::Skipped;
         }
         let last = max > 0 && n == max;
-        let queued = match &self.subscriber {
-            Subscriber::Client(client) => client.deliver(&self.sid, msg, wakes),
-            Subscriber::Internal(handler) => handler.receive(msg),
-            // Routing forwards to peers itself, one RMSG per peer.
-            Subscriber::Route(_) => false,
-        };
+        let queued = self.subscriber.deliver(&self.sid, msg, wakes);
         match (queued, last) {
             (false, _) => Delivery::Skipped,
             (true, false) => Delivery::Delivered,

@@ -124,12 +124,7 @@ impl ClientShared {
     /// Queues `msg` for this client's subscription `sid`. A client that
     /// cannot take it within `max_pending` is cut off as a slow consumer.
     /// Returns whether it was queued.
-    pub(crate) fn deliver(
-        self: &Arc<Self>,
-        sid: &[u8],
-        msg: &Message,
-        wakes: &mut WakeList,
-    ) -> bool {
+    fn deliver_msg(&self, sid: &[u8], msg: &Message, wakes: &mut WakeList) -> bool {
         let pushed = self
             .outbound
             .push_msg(sid, msg, self.headers.load(Ordering::Relaxed));
@@ -195,6 +190,26 @@ impl ClientShared {
 
     pub fn details(&self) -> Details {
         self.details.lock().clone()
+    }
+}
+
+/// A client is a subscriber: its subscriptions' messages go to its
+/// outbound queue.
+impl Subscriber for ClientShared {
+    fn deliver(&self, sid: &[u8], msg: &Message, wakes: &mut WakeList) -> bool {
+        self.deliver_msg(sid, msg, wakes)
+    }
+
+    fn denies(&self, subject: &[u8]) -> bool {
+        self.denies_delivery(subject)
+    }
+
+    fn connection_id(&self) -> Option<u64> {
+        Some(self.id)
+    }
+
+    fn forget(&self, sid: &[u8]) {
+        self.forget_subscription(sid);
     }
 }
 
@@ -759,7 +774,7 @@ impl Connection {
                     &subject,
                     queue.as_deref(),
                     &sid,
-                    Subscriber::Client(Arc::clone(&self.client)),
+                    Arc::clone(&self.client) as Arc<dyn Subscriber>,
                 );
                 if check == SubscribeCheck::Filtered {
                     sub = sub.with_deny_filter();

@@ -47,7 +47,7 @@ use super::Cluster;
 use crate::connection::{write_loop, CloseReason, Link, ReadBuffer, WakeList};
 use crate::protocol::{encode_err, Limits, Message, ProtocolError, PING, PONG};
 use crate::server::ServerState;
-use crate::subscription::{Subscriber, Subscription};
+use crate::subscription::{Peer, Subscriber, Subscription};
 
 /// Longest a new route may take to say who it is.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,11 +72,23 @@ pub struct Route {
     pub closed: CancellationToken,
 }
 
-impl Route {
+/// A peer's interest is a subscription whose subscriber is its route:
+/// routing forwards to it (see [`Peer`]) instead of delivering.
+impl Subscriber for Route {
+    fn deliver(&self, _sid: &[u8], _msg: &Message, _wakes: &mut WakeList) -> bool {
+        false
+    }
+
+    fn peer(&self) -> Option<&dyn Peer> {
+        Some(self)
+    }
+}
+
+impl Peer for Route {
     /// Queues `msg` for the peer: an `RMSG` for its plain subscribers and,
     /// when `queues` is not empty, for one member of each of those groups.
     /// Returns whether it was queued.
-    pub(crate) fn forward(&self, msg: &Message, queues: &[&[u8]], wakes: &mut WakeList) -> bool {
+    fn forward(&self, msg: &Message, queues: &[&[u8]], wakes: &mut WakeList) -> bool {
         let pushed = self.link.outbound.push_frame(
             msg_line_bound(msg, queues),
             msg,
@@ -85,7 +97,9 @@ impl Route {
         );
         self.link.queued(pushed, wakes)
     }
+}
 
+impl Route {
     /// Queues protocol bytes and wakes the writer at once.
     pub(crate) fn send(&self, bytes: &[u8]) {
         self.link.outbound_bytes(bytes);
@@ -528,7 +542,7 @@ impl Connection {
             &subject,
             queue.as_deref(),
             b"",
-            Subscriber::Route(Arc::clone(&self.route)),
+            Arc::clone(&self.route) as Arc<dyn Subscriber>,
         ));
         // Before it is in the sublist, so no message sees a wrong weight.
         sub.set_queue_weight(members);

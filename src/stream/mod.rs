@@ -3,7 +3,7 @@
 //! in order, acknowledge, get redeliveries and replay.
 //!
 //! How it hooks into the broker: a stream is one more kind of subscriber
-//! (an [`InternalSubscriber`] on its subjects), so a publish reaches it
+//! (an [`Subscriber`] on its subjects), so a publish reaches it
 //! through the same routing as any client; replies (PubAcks, API answers,
 //! consumer deliveries) go back out through [`ServerState::send_internal`].
 //!
@@ -34,11 +34,12 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::config::{JetStreamConfig, SyncPolicy};
+use crate::connection::WakeList;
 use crate::metrics::Histogram;
 use crate::protocol::Message;
 use crate::server::ServerState;
 use crate::store::{FileStorage, StoreError};
-use crate::subscription::{InternalSubscriber, Scope, Subscription};
+use crate::subscription::{Scope, Subscriber, Subscription};
 
 use api::{
     now_nanos, reply_json, ApiError, CreateConsumerRequest, ListRequest, MsgDeleteRequest,
@@ -161,7 +162,7 @@ impl JetStream {
                 api_thread(worker, api_rx)
             })
             .map_err(JetStreamError::Thread)?;
-        let handler: Arc<dyn InternalSubscriber> = Arc::new(ApiHandler(Arc::downgrade(&js)));
+        let handler: Arc<dyn Subscriber> = Arc::new(ApiHandler(Arc::downgrade(&js)));
         let subs = [API_PREFIX, ACK_PREFIX, FLOW_CONTROL_PREFIX].map(|prefix| {
             // Every node has its own stream API: a request is answered by
             // the node the client is connected to.
@@ -471,15 +472,15 @@ pub(crate) fn serve_offline(server: &Arc<ServerState>, reason: &str) {
         server: Weak<ServerState>,
         answer: Vec<u8>,
     }
-    impl InternalSubscriber for Offline {
-        fn receive(&self, msg: &Message) -> bool {
+    impl Subscriber for Offline {
+        fn deliver(&self, _sid: &[u8], msg: &Message, _wakes: &mut WakeList) -> bool {
             if let (Some(server), Some(reply)) = (self.server.upgrade(), msg.reply()) {
                 server.send_internal(reply, &Message::new(reply, None, None, &self.answer));
             }
             true
         }
     }
-    let handler: Arc<dyn InternalSubscriber> = Arc::new(Offline {
+    let handler: Arc<dyn Subscriber> = Arc::new(Offline {
         server: Arc::downgrade(server),
         answer: reply_json::<()>(
             "io.nats.jetstream.api.v1.error_response",
@@ -493,8 +494,8 @@ pub(crate) fn serve_offline(server: &Arc<ServerState>, reason: &str) {
 /// Receives API requests and acks on the publisher's task.
 struct ApiHandler(Weak<JetStream>);
 
-impl InternalSubscriber for ApiHandler {
-    fn receive(&self, msg: &Message) -> bool {
+impl Subscriber for ApiHandler {
+    fn deliver(&self, _sid: &[u8], msg: &Message, _wakes: &mut WakeList) -> bool {
         let Some(js) = self.0.upgrade() else {
             return false;
         };

@@ -1,7 +1,7 @@
 //! One stream: its configuration, its store, the ingest path that turns
 //! publishes into stored messages and PubAcks, and its consumers.
 //!
-//! Ingest: the stream's [`InternalSubscriber`] copies each captured message
+//! Ingest: the stream's [`Subscriber`] copies each captured message
 //! into a bounded queue (a full queue answers 503 rather than growing); the
 //! ingest task stores whatever has queued up as one batch (one store write)
 //! on the blocking pool and, with `sync = "always"`, fsyncs once for the
@@ -27,7 +27,7 @@ use crate::store::{
     MemoryStore, StoreError, StoreLimits, StoreWriter, StoredMessage, StreamState, StreamStore,
 };
 use crate::subject;
-use crate::subscription::{InternalSubscriber, Scope, Subscription};
+use crate::subscription::{Scope, Subscriber, Subscription};
 
 use super::api::{
     now_nanos, rfc3339, to_json, ApiError, ClusterInfo, ConsumerConfig, Discard, MsgGetRequest,
@@ -279,7 +279,7 @@ impl Stream {
         let Some(server) = self.server_state() else {
             return;
         };
-        let handler: Arc<dyn InternalSubscriber> = Arc::new(Ingest(Arc::downgrade(self)));
+        let handler: Arc<dyn Subscriber> = Arc::new(Ingest(Arc::downgrade(self)));
         let mut subs = self.subscriptions.lock();
         for sub in subs.drain(..) {
             server.remove_subscription(&sub);
@@ -931,8 +931,8 @@ fn ack_prefix(name: &str) -> Vec<u8> {
 /// message for the ingest task.
 struct Ingest(Weak<Stream>);
 
-impl InternalSubscriber for Ingest {
-    fn receive(&self, msg: &Message) -> bool {
+impl Subscriber for Ingest {
+    fn deliver(&self, _sid: &[u8], msg: &Message, _wakes: &mut WakeList) -> bool {
         let Some(stream) = self.0.upgrade() else {
             return false;
         };
