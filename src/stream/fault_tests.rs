@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, stream, Context};
+use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, stream, Context};
 use futures::StreamExt;
 
 use crate::store::Faults;
@@ -107,6 +107,17 @@ async fn a_failed_write_stores_nothing_and_is_refused() {
     server.shutdown().await;
 }
 
+/// The consumer's next message.
+async fn fetch_one(consumer: &PullConsumer) -> jetstream::Message {
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("fetch");
+    batch.next().await.expect("a message").expect("no error")
+}
+
 /// A double ack whose save fails gets no answer (the client's request
 /// fails); the ack is saved by a retry once the store works again.
 /// `floor_while_failing`: what the store holds meanwhile (a failed fsync
@@ -129,13 +140,7 @@ async fn double_ack_waits_for_the_save(fail: fn(&Faults, bool), floor_while_fail
         })
         .await
         .expect("consumer");
-    let mut batch = consumer
-        .fetch()
-        .max_messages(1)
-        .messages()
-        .await
-        .expect("fetch");
-    let first = batch.next().await.expect("a message").expect("no error");
+    let first = fetch_one(&consumer).await;
 
     inject(&server, fail, true);
     first
@@ -151,13 +156,7 @@ async fn double_ack_waits_for_the_save(fail: fn(&Faults, bool), floor_while_fail
         1,
         "the failed save is retried"
     );
-    let mut batch = consumer
-        .fetch()
-        .max_messages(1)
-        .messages()
-        .await
-        .expect("fetch");
-    let second = batch.next().await.expect("a message").expect("no error");
+    let second = fetch_one(&consumer).await;
     assert_eq!(second.info().expect("info").stream_sequence, 2);
     second.double_ack().await.expect("confirmed");
     assert_eq!(saved_ack_floor(&server, "worker"), 2);
