@@ -21,7 +21,7 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
-pub(crate) mod fsutil;
+pub mod fsutil;
 pub mod lame_duck;
 pub mod metrics;
 pub mod monitor;
@@ -34,7 +34,6 @@ pub mod subject;
 pub mod sublist;
 pub mod subscription;
 pub mod tls;
-pub mod tools;
 pub mod units;
 
 pub use config::Config;
