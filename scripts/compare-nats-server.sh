@@ -62,7 +62,7 @@ if [[ -z $NATS_SERVER ]]; then
 fi
 
 log "building skiff (release)"
-cargo build --release --quiet
+cargo build --release --quiet -p skiff-tools --bin skiff
 SKIFF=${CARGO_TARGET_DIR:-target}/release/skiff
 
 # The idle-connection scenario holds CONNS sockets in the bench and as many

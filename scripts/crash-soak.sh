@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Crash soak: runs the crash-at-any-moment test (tests/crash_any_moment.rs)
+# Crash soak: runs the crash-at-any-moment test (tools/tests/crash_any_moment.rs)
 # for many kill cycles, in release mode (faster restarts and checks).
 #
 #   scripts/crash-soak.sh                    # 300 cycles, random seed
@@ -22,7 +22,7 @@ fi
 
 echo "crash-soak: CRASH_SEED=$SEED CRASH_CYCLES=$CYCLES${PHASES:+ CRASH_PHASES=$PHASES}" >&2
 status=0
-cargo test --release --test crash_any_moment -- --nocapture || status=$?
+cargo test --release -p skiff-tools --test crash_any_moment -- --nocapture || status=$?
 if [[ $status -ne 0 ]]; then
     echo "crash-soak: FAILED; replay with SEED=$SEED CYCLES=$CYCLES${PHASES:+ PHASES=$PHASES} $0" >&2
 fi

@@ -35,7 +35,7 @@ fi
 
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 log "building skiff (release)"
-cargo build --release --quiet --bin skiff
+cargo build --release --quiet -p skiff-tools --bin skiff
 SKIFF=$TARGET_DIR/release/skiff
 
 WORK=$(mktemp -d)

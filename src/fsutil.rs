@@ -1,6 +1,7 @@
 //! Files Skiff writes itself (the store's sync marker, the pid file,
 //! `skiff gen-certs` output), written so that a crash at any moment leaves
 //! either the old content or the new, never a mix or an empty file.
+//! Public for the tools crate (`skiff-tools`), which writes the last two.
 //!
 //! [`write_atomically`] replaces a file whole: a reader (or the next start
 //! after a crash or power cut) sees either the old content or the new one,
@@ -33,7 +34,7 @@ static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 /// On error the target is left as it was and the temporary file is
 /// removed; only a crash in the middle can leave one behind (named
 /// `.<file name>.tmp-<pid>-<n>`, beside the target).
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Result<()> {
     let name = path.file_name().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,

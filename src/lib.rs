@@ -22,7 +22,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod connection;
-pub(crate) mod fsutil;
+pub mod fsutil;
 pub mod lame_duck;
 pub mod metrics;
 pub mod monitor;
@@ -35,7 +35,6 @@ pub mod subject;
 pub mod sublist;
 pub mod subscription;
 pub mod tls;
-pub mod tools;
 pub mod units;
 
 pub use config::Config;

@@ -483,27 +483,38 @@ async fn routes_need_the_cluster_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_can_require_mutual_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     use skiff::config::TlsConfig;
-    use skiff::tools::certs::Authority;
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
     };
-    let tls_for = |ca: &Authority, tag: &str| {
-        let node = ca.server(&["127.0.0.1".to_string()]).unwrap();
+    // A CA, and for each node a certificate for 127.0.0.1 it signed: with
+    // no extended key usage, good for a route's both ends.
+    let authority = |name: &str| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        (params.self_signed(&key).unwrap(), key)
+    };
+    let tls_for = |(ca, ca_key): &(rcgen::Certificate, KeyPair), tag: &str| {
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let node = params.signed_by(&key, ca, ca_key).unwrap();
         TlsConfig {
-            ca_file: Some(write(&format!("{tag}-ca.pem"), &ca.issued().cert_pem)),
+            ca_file: Some(write(&format!("{tag}-ca.pem"), &ca.pem())),
             verify: true,
             ..TlsConfig::new(
-                write(&format!("{tag}.pem"), &node.cert_pem),
-                write(&format!("{tag}-key.pem"), &node.key_pem),
+                write(&format!("{tag}.pem"), &node.pem()),
+                write(&format!("{tag}-key.pem"), &key.serialize_pem()),
             )
         }
     };
-    let ours = Authority::new("Cluster CA").unwrap();
-    let theirs = Authority::new("Other CA").unwrap();
+    let ours = authority("Cluster CA");
+    let theirs = authority("Other CA");
     let with_tls = |name: &str, seeds: &[String], tls: TlsConfig| {
         let mut config = node_config(name, seeds);
         config.cluster.as_mut().unwrap().tls = Some(tls);

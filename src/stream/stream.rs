@@ -1156,8 +1156,6 @@ mod tests {
     /// are answered the budget is back and the same publish is acked.
     #[tokio::test]
     async fn a_publish_beyond_the_ingest_budget_gets_429() {
-        use crate::tools::commands::request;
-        use crate::tools::conn::Endpoint;
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = crate::Config::core("127.0.0.1:0");
         config.jetstream.enabled = true;
@@ -1171,15 +1169,17 @@ mod tests {
             .jetstream()
             .and_then(|js| js.stream("BUDGET").ok())
             .expect("the declared stream");
-        let url = Endpoint::plain(&server.client_url()).expect("url");
-        let publish = || request(&url, "budget.a", b"hi", std::time::Duration::from_secs(5));
+        let client = async_nats::connect(server.client_url())
+            .await
+            .expect("connect");
+        let publish = || client.request("budget.a", "hi".into());
 
         // As if 64 MiB of publishes were still waiting for their PubAcks.
         stream
             .ingest_bytes
             .store(INGEST_MAX_BYTES - 1, Ordering::Relaxed);
-        let (reply, _) = publish().await.expect("an answer");
-        let json: serde_json::Value = serde_json::from_slice(reply.data()).expect("JSON");
+        let reply = publish().await.expect("an answer");
+        let json: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON");
         assert_eq!(json["error"]["code"], 429, "{json}");
         assert_eq!(json["error"]["err_code"], 10167, "{json}");
         assert_eq!(stream.state().messages, 0);
@@ -1190,8 +1190,8 @@ mod tests {
         );
 
         stream.ingest_bytes.store(0, Ordering::Relaxed);
-        let (reply, _) = publish().await.expect("an answer");
-        let json: serde_json::Value = serde_json::from_slice(reply.data()).expect("JSON");
+        let reply = publish().await.expect("an answer");
+        let json: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON");
         assert_eq!(json, serde_json::json!({"stream": "BUDGET", "seq": 1}));
         // Answered, so its bytes no longer count.
         assert_eq!(stream.ingest_bytes.load(Ordering::Relaxed), 0);

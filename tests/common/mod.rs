@@ -1,13 +1,13 @@
 //! Helpers shared by the integration tests: an embedded server on a free port,
 //! a raw TCP client that asserts exact bytes (what a telnet user sees), and
-//! bounded waits.
+//! bounded waits. The tools crate's tests (tools/tests/) include it too, by
+//! path.
 //!
 //! Every wait here is bounded by [`WAIT`]; a test that would hang fails with
 //! a message saying what it was waiting for instead.
 
 #![allow(dead_code)]
 
-pub mod child;
 pub mod jetstream;
 
 use std::future::Future;

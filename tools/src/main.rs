@@ -1,6 +1,7 @@
 //! The `skiff` binary: command-line parsing, config loading, logging set-up
-//! and signals. Everything else lives in the library (the client commands,
-//! the benchmark and signal sending in `skiff::tools`).
+//! and signals. Everything else lives in the libraries: the server in
+//! `skiff`, the client commands, the benchmark and signal sending in
+//! `skiff_tools`.
 //!
 //! The log goes to stderr, as nats-server's does; stdout carries only what
 //! a command prints as its result. A command that fails prints one line,
@@ -18,12 +19,12 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use skiff::auth::{AuthorizationConfig, Secret};
 use skiff::config::{cluster::ClusterConfig, http::HttpConfig, ConfigError, TlsConfig};
-use skiff::tools::bench::{self, BenchOptions, Scenario};
-use skiff::tools::conn::{Endpoint, TlsOptions};
-use skiff::tools::signal::{self, PidFile, Signal, Target};
-use skiff::tools::{certs, commands, passwd, Credentials, DEFAULT_URL};
 use skiff::units::{parse_duration, parse_size};
 use skiff::{Config, Server};
+use skiff_tools::bench::{self, BenchOptions, Scenario};
+use skiff_tools::conn::{Endpoint, TlsOptions};
+use skiff_tools::signal::{self, PidFile, Signal, Target};
+use skiff_tools::{certs, commands, passwd, Credentials, DEFAULT_URL};
 
 #[derive(Parser)]
 #[command(
@@ -650,7 +651,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Err(e @ skiff::tools::Error::Connect { .. }) => {
+        Err(e @ skiff_tools::Error::Connect { .. }) => {
             println!("ERROR: {e}");
             std::process::exit(1);
         }

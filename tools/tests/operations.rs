@@ -3,6 +3,8 @@
 //! clients to another node of a cluster, `skiff server check`, where
 //! `skiff serve` logs (stderr) and how it reports a failed start.
 
+// The helpers the library's integration tests use, in one place.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use super::conn::{Connection, Endpoint, Error};
-use crate::protocol::Message;
+use skiff::protocol::Message;
 
 /// Publishes `data` to `subject` `count` times and returns once the server
 /// has processed every message.
@@ -117,7 +117,7 @@ mod tests {
 
     #[tokio::test]
     async fn sub_prints_and_reply_answers() {
-        let server = crate::tools::test_server().await;
+        let server = crate::test_server().await;
         let url = Endpoint::plain(&server.client_url()).unwrap();
 
         let mut sub = listen(&url, "greet.*", None).await.unwrap();
@@ -147,10 +147,10 @@ mod tests {
 
     #[tokio::test]
     async fn check_reports_a_live_server_and_a_closed_port() {
-        let server = crate::tools::test_server().await;
+        let server = crate::test_server().await;
         let url = Endpoint::plain(&server.client_url()).unwrap();
         let health = check(&url, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(health.version, crate::server::PROTOCOL_VERSION);
+        assert_eq!(health.version, skiff::server::PROTOCOL_VERSION);
         assert!(!health.lame_duck);
         let addr = server.addr();
         server.shutdown().await;

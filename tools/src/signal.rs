@@ -5,8 +5,8 @@
 //!
 //! | command | signal | the server |
 //! |---|---|---|
-//! | `reload` | SIGHUP | re-reads its config file ([`crate::reload`]) |
-//! | `ldm` | SIGUSR2 | enters lame duck mode, then exits ([`crate::lame_duck`]) |
+//! | `reload` | SIGHUP | re-reads its config file ([`skiff::reload`]) |
+//! | `ldm` | SIGUSR2 | enters lame duck mode, then exits ([`skiff::lame_duck`]) |
 //! | `stop` | SIGTERM | shuts down gracefully |
 //! | `quit` | SIGINT | shuts down gracefully |
 
@@ -129,7 +129,7 @@ impl PidFile {
     /// the pid as soon as it appears never reads it empty or half-written.
     pub fn write(path: &Path) -> std::io::Result<PidFile> {
         let pid = format!("{}\n", std::process::id());
-        crate::fsutil::write_atomically(path, pid.as_bytes(), None)?;
+        skiff::fsutil::write_atomically(path, pid.as_bytes(), None)?;
         Ok(PidFile(path.to_owned()))
     }
 }

@@ -1,5 +1,5 @@
 //! A small async NATS client over one TCP connection (plain or TLS), built on
-//! Skiff's own [`protocol`](crate::protocol) module. It backs
+//! Skiff's own [`protocol`](skiff::protocol) module. It backs
 //! `skiff pub/sub/req/reply` and `skiff bench`, and speaks to Skiff and
 //! nats-server alike.
 //!
@@ -46,7 +46,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::protocol::{
+use skiff::protocol::{
     encode_connect, encode_pub_header, encode_sub, encode_unsub, parse_server_op, ConnectOptions,
     Limits, Message, ProtocolError, ServerInfo, ServerOp, CRLF, PING, PONG,
 };
@@ -74,7 +74,7 @@ pub enum Error {
     #[error("invalid nkey seed: {0}")]
     Nkey(String),
     #[error(transparent)]
-    TlsConfig(#[from] crate::tls::TlsError),
+    TlsConfig(#[from] skiff::tls::TlsError),
     #[error("--tls-cert and --tls-key go together")]
     TlsCertWithoutKey,
     #[error("TLS handshake with the server failed: {0}")]
@@ -213,7 +213,7 @@ impl Endpoint {
             (None, None) => None,
             _ => return Err(Error::TlsCertWithoutKey),
         };
-        let config = crate::tls::client_config(tls.ca_file.as_deref(), cert_key)?;
+        let config = skiff::tls::client_config(tls.ca_file.as_deref(), cert_key)?;
         let server_name =
             ServerName::try_from(target.host.clone()).map_err(|_| Error::Url(url.to_string()))?;
         Ok(Endpoint {
@@ -795,7 +795,7 @@ fn host_port(url: &str) -> Result<String, Error> {
 mod tests {
     use super::*;
 
-    use crate::tools::test_server as server;
+    use crate::test_server as server;
 
     #[test]
     fn urls_are_understood() {
@@ -837,7 +837,7 @@ mod tests {
              [[authorization.users]]\nnkey = \"{}\"\n",
             key.public_key()
         );
-        let server = crate::Server::start(crate::Config::from_toml(&text).unwrap())
+        let server = skiff::Server::start(skiff::Config::from_toml(&text).unwrap())
             .await
             .unwrap();
         let addr = server.addr();

@@ -5,6 +5,11 @@
 //!
 //! Both of the child's pipes are read (the server may log to either), until
 //! it dies, so that it never blocks on a full pipe.
+//!
+//! Here, in the crate of the `skiff` binary, because `CARGO_BIN_EXE_skiff`
+//! is defined only for its tests.
+
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -14,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, Context};
 
-use super::{within, WAIT};
+use crate::common::{within, WAIT};
 
 /// A `skiff serve` child, killed (SIGKILL) and reaped on drop.
 pub struct Skiff {

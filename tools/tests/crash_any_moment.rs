@@ -45,6 +45,9 @@
 //!
 //! Every wait is bounded; children are killed on drop; stores are temp dirs.
 
+mod child;
+// The helpers the library's integration tests use, in one place.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -61,7 +64,7 @@ use async_nats::jetstream::{
     stream,
 };
 use bytes::Bytes;
-use common::child::{no_reconnect, Skiff};
+use child::{no_reconnect, Skiff};
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -179,7 +182,7 @@ impl Ctx {
             .unwrap_or_default();
         let _ = write!(
             msg,
-            "\n--- replay: CRASH_SEED={} CRASH_CYCLES={}{phases} cargo test --test \
+            "\n--- replay: CRASH_SEED={} CRASH_CYCLES={}{phases} cargo test -p skiff-tools --test \
              crash_any_moment -- --nocapture",
             self.seed,
             self.cycle + 1

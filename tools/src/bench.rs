@@ -39,7 +39,7 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{self, Connection, Credentials, Endpoint, TlsOptions};
-use crate::protocol::Message;
+use skiff::protocol::Message;
 
 mod js;
 
@@ -1224,9 +1224,9 @@ fn raise_fd_limit(wanted: u64) -> Result<(), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Config, Server};
+    use skiff::{Config, Server};
 
-    use crate::tools::test_server as server;
+    use crate::test_server as server;
 
     fn small(url: &str, scenario: Scenario) -> BenchOptions {
         BenchOptions {
@@ -1329,12 +1329,11 @@ mod tests {
         let js = report.js.as_ref().unwrap();
         assert_eq!((js.sent, js.acked, js.failed), (301, 301, 0), "{report}");
         report.check().unwrap();
-        let endpoint = crate::tools::conn::Endpoint::new(&url, &TlsOptions::default()).unwrap();
+        let endpoint = crate::conn::Endpoint::new(&url, &TlsOptions::default()).unwrap();
         let subject = "$JS.API.STREAM.INFO.BENCH";
-        let (info, _) =
-            crate::tools::commands::request(&endpoint, subject, b"", Duration::from_secs(5))
-                .await
-                .unwrap();
+        let (info, _) = crate::commands::request(&endpoint, subject, b"", Duration::from_secs(5))
+            .await
+            .unwrap();
         let info = String::from_utf8_lossy(info.payload()).into_owned();
         assert!(info.contains("\"messages\":301"), "{info}");
 

@@ -39,8 +39,8 @@ use super::{
     connect, rss_bytes, server_name, split, BenchError, BenchOptions, JsReport, Latency, Progress,
     Report, Side, BATCH, MAX_LATENCY_NS,
 };
-use crate::protocol::{headers, Message};
-use crate::tools::conn::{self, Connection, Endpoint};
+use crate::conn::{self, Connection, Endpoint};
+use skiff::protocol::{headers, Message};
 
 /// The durable consumer `jsconsume` creates (and deletes first).
 pub const CONSUMER: &str = "skiff-bench";

@@ -4,7 +4,7 @@
 //!
 //! Keys are ECDSA P-256 in PKCS#8 PEM; key files are written readable by
 //! their owner only (mode 0600 on unix). Every file is written atomically
-//! ([`crate::fsutil::write_atomically`]), so running it again over earlier
+//! ([`skiff::fsutil::write_atomically`]), so running it again over earlier
 //! output replaces each file whole. Certificates are valid for
 //! [`VALIDITY_DAYS`] from now.
 
@@ -162,7 +162,7 @@ fn write_pair(dir: &Path, name: &str, issued: &Issued) -> Result<(PathBuf, PathB
 /// leaves a torn key); a key is owner-only from the moment it is created.
 fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), CertsError> {
     let mode = secret.then_some(0o600);
-    crate::fsutil::write_atomically(path, text.as_bytes(), mode).map_err(|source| {
+    skiff::fsutil::write_atomically(path, text.as_bytes(), mode).map_err(|source| {
         CertsError::Write {
             path: path.to_owned(),
             source,
@@ -183,8 +183,8 @@ pub fn config_snippet(generated: &Generated) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TlsConfig;
-    use crate::tls::{load_certs, peer_identity, ServerTls};
+    use skiff::config::TlsConfig;
+    use skiff::tls::{load_certs, peer_identity, ServerTls};
 
     #[test]
     fn generated_files_make_a_working_mutual_tls_config() {
@@ -193,7 +193,7 @@ mod tests {
         let generated = generate(dir.path(), &hosts, 2).unwrap();
         assert_eq!(generated.devices.len(), 2);
         let snippet = config_snippet(&generated);
-        let config = crate::Config::from_toml(&snippet).unwrap();
+        let config = skiff::Config::from_toml(&snippet).unwrap();
         let tls: &TlsConfig = config.tls.as_ref().unwrap();
         ServerTls::load(tls).expect("server loads what gen-certs wrote");
 

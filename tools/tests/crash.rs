@@ -17,6 +17,9 @@
 //!
 //! Every wait is bounded; children are killed on drop; stores are temp dirs.
 
+mod child;
+// The helpers the library's integration tests use, in one place.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -30,7 +33,7 @@ use async_nats::jetstream::{
     message::PublishMessage,
     stream, AckKind, Context,
 };
-use common::child::{connect, context, Skiff};
+use child::{connect, context, Skiff};
 use common::within;
 use futures::StreamExt;
 

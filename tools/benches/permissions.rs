@@ -16,9 +16,9 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use skiff::auth::{Permissions, PublishCache};
 use skiff::config::authorization::{AllowDeny, PermissionsConfig, SubjectRulesConfig};
-use skiff::tools::conn::Endpoint;
-use skiff::tools::{Connection, Credentials};
 use skiff::{Config, Server};
+use skiff_tools::conn::Endpoint;
+use skiff_tools::{Connection, Credentials};
 
 const BATCH: u64 = 1000;
 

@@ -4,6 +4,8 @@
 //! `handshake_first`, and certificate reload. Every certificate is made
 //! here, in a temporary directory, with rcgen.
 
+// The helpers the library's integration tests use, in one place.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;
@@ -15,10 +17,10 @@ use common::{next_msg, round_trip, wait_for_clients, within, Raw};
 use rcgen::{CertificateParams, DnType};
 use rustls::pki_types::ServerName;
 use skiff::config::{TlsConfig, TlsVersion};
-use skiff::tools::certs::{Authority, Issued};
-use skiff::tools::conn::{Endpoint, TlsOptions};
-use skiff::tools::Connection;
 use skiff::{Config, Server, ServerHandle};
+use skiff_tools::certs::{Authority, Issued};
+use skiff_tools::conn::{Endpoint, TlsOptions};
+use skiff_tools::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -83,7 +85,7 @@ fn server_cert(ca: &Authority, cn: &str) -> Issued {
     let mut params = CertificateParams::new(hosts).unwrap();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, cn);
-    skiff::tools::certs::valid_from_now(&mut params);
+    skiff_tools::certs::valid_from_now(&mut params);
     ca.sign(params).unwrap()
 }
 
@@ -279,7 +281,7 @@ async fn mutual_tls_accepts_only_valid_certificates_of_its_ca() {
     params
         .distinguished_name
         .push(DnType::CommonName, "device-1");
-    skiff::tools::certs::valid_from_now(&mut params);
+    skiff_tools::certs::valid_from_now(&mut params);
     let own = params.self_signed(&key).unwrap();
     let (cert, key) = write(
         pki.dir.path(),
@@ -484,8 +486,8 @@ async fn broken_tls_files_stop_the_server_from_starting() {
 async fn conf_tls_toml_runs_with_what_gen_certs_writes() {
     let dir = tempfile::tempdir().unwrap();
     let hosts = ["localhost".to_string(), "127.0.0.1".to_string()];
-    let generated = skiff::tools::certs::generate(&dir.path().join("certs"), &hosts, 2).unwrap();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/tls.toml");
+    let generated = skiff_tools::certs::generate(&dir.path().join("certs"), &hosts, 2).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/tls.toml");
     let mut config = Config::from_file(&example).unwrap();
     config.listen = "127.0.0.1:0".into();
     config.jetstream.enabled = false;
