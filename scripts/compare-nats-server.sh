@@ -48,18 +48,8 @@ JS_BIG_MSGS=${JS_BIG_MSGS:-100000}  # jspub 1 KiB
 TLS_CONNS=${TLS_CONNS:-$CONNS}  # idle TLS connections
 SECTIONS=${SECTIONS:-core js tls cluster monitor}
 
-log() { echo "$*" >&2; }
-
-NATS_SERVER=$(command -v nats-server || true)
-if [[ -z $NATS_SERVER && -x /usr/sbin/nats-server ]]; then
-    NATS_SERVER=/usr/sbin/nats-server
-fi
-if [[ -z $NATS_SERVER ]]; then
-    log "installing nats-server (Debian package)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
-    NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
-fi
+# shellcheck source=scripts/nats-server.sh
+source scripts/nats-server.sh  # (the cwd is the repository root)
 
 log "building skiff (release)"
 cargo build --release --quiet -p skiff-tools --bin skiff

@@ -20,18 +20,8 @@ cd "$(dirname "$0")/.."
 
 SUBS=${SUBS:-10000}
 
-log() { echo "$*" >&2; }
-
-NATS_SERVER=$(command -v nats-server || true)
-if [[ -z $NATS_SERVER && -x /usr/sbin/nats-server ]]; then
-    NATS_SERVER=/usr/sbin/nats-server
-fi
-if [[ -z $NATS_SERVER ]]; then
-    log "installing nats-server (Debian package)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
-    NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
-fi
+# shellcheck source=scripts/nats-server.sh
+source scripts/nats-server.sh  # (the cwd is the repository root)
 
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 log "building skiff (release)"
