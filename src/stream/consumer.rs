@@ -744,19 +744,17 @@ impl Consumer {
             let st = self.state.lock();
             (st.version != *saved).then(|| (st.version, self.record(&st)))
         };
-        if let Some((version, record)) = snapshot {
-            stream
-                .store()
-                .save_consumer(&self.name, &to_json(&record)?)
+        let store = stream.store();
+        if let Some((_, record)) = &snapshot {
+            store
+                .save_consumer(&self.name, &to_json(record)?)
                 .map_err(ApiError::store_failed)?;
-            if !sync {
-                *saved = version;
-                return Ok(());
-            }
-            stream.store().sync().map_err(ApiError::store_failed)?;
+        }
+        if sync {
+            store.sync().map_err(ApiError::store_failed)?;
+        }
+        if let Some((version, _)) = snapshot {
             *saved = version;
-        } else if sync {
-            stream.store().sync().map_err(ApiError::store_failed)?;
         }
         Ok(())
     }
