@@ -17,6 +17,9 @@
 //! # Ok(()) }
 //! ```
 
+// No FFI of its own: system calls go through rustix.
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod client;
 pub mod cluster;

@@ -193,19 +193,11 @@ impl ProcessStats {
         let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
         ProcessStats {
-            resident_bytes: resident_pages(&statm) * sysconf(libc::_SC_PAGESIZE, 4096),
-            cpu_seconds: cpu_ticks(&stat) as f64 / sysconf(libc::_SC_CLK_TCK, 100) as f64,
+            resident_bytes: resident_pages(&statm) * rustix::param::page_size() as u64,
+            cpu_seconds: cpu_ticks(&stat) as f64
+                / rustix::param::clock_ticks_per_second().max(1) as f64,
         }
     }
-}
-
-fn sysconf(name: libc::c_int, fallback: u64) -> u64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let value = unsafe { libc::sysconf(name) };
-    u64::try_from(value)
-        .ok()
-        .filter(|v| *v > 0)
-        .unwrap_or(fallback)
 }
 
 /// The second field of `/proc/self/statm`: resident pages.
