@@ -16,7 +16,7 @@
 //! lock.
 //!
 //! Subscriptions enter and leave the sublist through
-//! [`ServerState::add_subscription`] and [`ServerState::unlist_subscription`],
+//! [`ServerState::list_subscription`] and [`ServerState::unlist_subscription`],
 //! which also keep the cluster's interest (what peers are told) in step.
 //!
 //! Operations: [`ServerHandle::reload`] swaps what may change while running
@@ -650,7 +650,7 @@ impl ServerState {
         match sub.deliver(msg, wakes) {
             Delivery::Delivered => true,
             Delivery::DeliveredLast => {
-                self.remove_subscription(sub);
+                self.end_subscription(sub);
                 true
             }
             Delivery::Skipped => false,
@@ -679,12 +679,13 @@ impl ServerState {
             sub = sub.node_only();
         }
         let sub = Arc::new(sub);
-        self.add_subscription(&sub)?;
+        self.list_subscription(&sub)?;
         Ok(sub)
     }
 
-    /// Puts a local subscription in the sublist and tells the peers.
-    pub fn add_subscription(&self, sub: &Arc<Subscription>) -> Result<(), InvalidSubject> {
+    /// Puts a subscription in the sublist and, if it is a local one that
+    /// propagates, tells the peers. Undone by [`ServerState::unlist_subscription`].
+    pub fn list_subscription(&self, sub: &Arc<Subscription>) -> Result<(), InvalidSubject> {
         self.sublist
             .insert(&sub.subject, sub.queue.as_deref(), Arc::clone(sub))?;
         if let Some(cluster) = self.cluster.get().filter(|_| sub.propagates()) {
@@ -701,8 +702,9 @@ impl ServerState {
         }
     }
 
-    /// Removes a subscription from the sublist and from its client.
-    pub fn remove_subscription(&self, sub: &Arc<Subscription>) {
+    /// Ends a subscription for good: unlists it and has its subscriber
+    /// forget it (a client drops the sid), as UNSUB's auto-unsubscribe does.
+    pub fn end_subscription(&self, sub: &Arc<Subscription>) {
         self.unlist_subscription(sub);
         sub.subscriber.forget(&sub.sid);
     }

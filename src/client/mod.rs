@@ -171,7 +171,7 @@ impl ClientShared {
 
     /// Drops the subscription `sid` from this client's map (after the
     /// sublist no longer holds it).
-    pub(crate) fn forget_subscription(&self, sid: &[u8]) {
+    pub(crate) fn drop_sid(&self, sid: &[u8]) {
         self.subs.lock().remove(sid);
     }
 
@@ -209,7 +209,7 @@ impl Subscriber for ClientShared {
     }
 
     fn forget(&self, sid: &[u8]) {
-        self.forget_subscription(sid);
+        self.drop_sid(sid);
     }
 }
 
@@ -788,7 +788,7 @@ impl Connection {
         };
         if let Some(sub) = sub {
             // Validated above, so the insert cannot fail.
-            let _ = self.server.add_subscription(&sub);
+            let _ = self.server.list_subscription(&sub);
         }
         self.ok();
     }
@@ -798,7 +798,7 @@ impl Connection {
         if let Some(sub) = sub {
             let keep = matches!(max, Some(m) if m > 0 && !sub.set_max(m));
             if !keep {
-                self.server.remove_subscription(&sub);
+                self.server.end_subscription(&sub);
             }
         }
         self.ok();

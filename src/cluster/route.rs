@@ -549,7 +549,7 @@ impl Connection {
         let key = (sub.subject.clone(), sub.queue.clone());
         // A peer's interest is not local: the server does not tell the
         // other peers about it (`Subscription::propagates`).
-        if self.server.add_subscription(&sub).is_err() {
+        if self.server.list_subscription(&sub).is_err() {
             drop(subs);
             return Err(self.protocol_error(&ProtocolError::InvalidArguments("RS+")));
         }

@@ -187,7 +187,7 @@ impl JetStream {
     pub(crate) fn shutdown(&self) {
         if let Some(server) = self.server.upgrade() {
             for sub in self.subscriptions.lock().drain(..) {
-                server.remove_subscription(&sub);
+                server.end_subscription(&sub);
             }
         }
         for stream in self.streams.write().drain().map(|(_, s)| s) {

@@ -282,7 +282,7 @@ impl Stream {
         let handler: Arc<dyn Subscriber> = Arc::new(Ingest(Arc::downgrade(self)));
         let mut subs = self.subscriptions.lock();
         for sub in subs.drain(..) {
-            server.remove_subscription(&sub);
+            server.end_subscription(&sub);
         }
         for s in &self.config.read().subjects {
             match server.subscribe_internal(s, Scope::Cluster, Arc::clone(&handler)) {
@@ -321,7 +321,7 @@ impl Stream {
         self.stopped.cancel();
         if let Some(server) = self.server_state() {
             for sub in self.subscriptions.lock().drain(..) {
-                server.remove_subscription(&sub);
+                server.end_subscription(&sub);
             }
         }
         for c in self.consumers.write().drain().map(|(_, c)| c) {
