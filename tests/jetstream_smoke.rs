@@ -152,6 +152,48 @@ async fn a_full_store_refuses_publishes_and_other_streams_keep_working() {
     // carry on.
     let ack = js.publish("mem.1", kib).await.unwrap().await.unwrap();
     assert_eq!(ack.stream, "MEM");
+    // A stream whose own max_bytes does not fit what is left is refused.
+    let too_big = js
+        .create_stream(stream::Config {
+            name: "BIG".into(),
+            subjects: vec!["big.>".into()],
+            max_bytes: 1 << 20,
+            ..Default::default()
+        })
+        .await
+        .expect_err("1 MiB does not fit in a 4 KiB store");
+    assert!(too_big.to_string().contains("10047"), "{too_big}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_memory_store_refuses_with_nats_servers_memory_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::with_streams("127.0.0.1:0", dir.path());
+    config.jetstream.max_memory_store = Some(2048);
+    let server = Server::start(config).await.unwrap();
+    let js = jetstream::new(async_nats::connect(server.client_url()).await.unwrap());
+    js.create_stream(stream::Config {
+        name: "MEM".into(),
+        subjects: vec!["mem.>".into()],
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kib = bytes::Bytes::from(vec![b'x'; 1024]);
+    js.publish("mem.1", kib.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let refused = js
+        .publish("mem.2", kib)
+        .await
+        .unwrap()
+        .await
+        .expect_err("a 2 KiB memory store takes one 1 KiB message");
+    assert!(refused.to_string().contains("10028"), "{refused}");
     server.shutdown().await;
 }
 

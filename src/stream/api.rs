@@ -256,6 +256,16 @@ impl ApiError {
     }
 
     /// JSStreamGeneralErrorF: nats-server has no code of its own for it.
+    /// A server-wide store limit (`max_file_store`, `max_memory_store`) is
+    /// reached: nats-server's JSStorageResourcesExceededErr (10047) or
+    /// JSMemoryResourcesExceededErr (10028).
+    pub fn insufficient_resources(storage: Storage) -> ApiError {
+        match storage {
+            Storage::File => ApiError::new(500, 10047, "insufficient storage resources available"),
+            Storage::Memory => ApiError::new(500, 10028, "insufficient memory resources available"),
+        }
+    }
+
     pub fn encoding_failed(e: impl std::fmt::Display) -> ApiError {
         ApiError::new(500, 10051, format!("cannot encode JSON: {e}"))
     }

@@ -383,6 +383,12 @@ impl JetStream {
             return Err(ApiError::subjects_overlap());
         }
         drop(streams);
+        // A stream whose own limit cannot fit in what the server has left
+        // is refused, as nats-server refuses its reservation.
+        let room = self.storage_room(config.storage);
+        if config.max_bytes > 0 && room.is_some_and(|left| config.max_bytes as u64 > left) {
+            return Err(ApiError::insufficient_resources(config.storage));
+        }
         let stream = Stream::create(self, config)?;
         self.streams
             .write()

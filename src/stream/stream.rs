@@ -780,11 +780,9 @@ impl Stream {
             for m in batch {
                 let size = crate::store::message_size(m.subject().len(), m.payload().len());
                 let result = match room {
-                    Some(left) if size > left => Err(ApiError::new(
-                        500,
-                        10047,
-                        "insufficient storage resources available",
-                    )),
+                    Some(left) if size > left => {
+                        Err(ApiError::insufficient_resources(config.storage))
+                    }
                     _ => self.store_one(&mut *writer, &config, &mut dedup, m, now),
                 };
                 if let (Some(left), Ok(_)) = (&mut room, &result) {
