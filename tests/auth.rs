@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use base64::Engine;
-use common::{next_msg, round_trip, within, Raw};
+use common::{next_msg, read_until_closed, round_trip, within, Raw};
 use skiff::{Config, Server, ServerHandle};
 
 const VIOLATION: &str = "-ERR 'Authorization Violation'\r\n";
@@ -512,7 +512,7 @@ async fn ops_pipelined_after_connect_wait_for_the_verdict() {
 /// the server stops taking them) on a fresh connection that has read INFO,
 /// and returns everything the server sent until it closed.
 async fn send_before_login(server: &ServerHandle, head: &[u8], filler: u8) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (raw, _) = Raw::connect_info(server.addr()).await;
     let (mut read, mut write) = raw.stream.into_split();
     let head = head.to_vec();
@@ -530,17 +530,7 @@ async fn send_before_login(server: &ServerHandle, head: &[u8], filler: u8) -> St
         // client closing (which would end the wait for a payload too).
         tokio::time::sleep(Duration::from_secs(30)).await;
     });
-    let mut received = Vec::new();
-    within("the server to refuse and close", async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let received = read_until_closed(&mut read, "the server to refuse and close").await;
     writer.abort();
     String::from_utf8_lossy(&received).into_owned()
 }

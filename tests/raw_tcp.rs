@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{start, start_with, wait_for_clients, within, Raw};
+use common::{read_until_closed, start, start_with, wait_for_clients, within, Raw};
 
 const QUIET: &str = r#"{"verbose":false}"#;
 const QUIET_HEADERS: &str = r#"{"verbose":false,"headers":true}"#;
@@ -418,18 +418,7 @@ async fn a_ten_megabyte_line_without_newline_is_cut_off_without_buffering() {
             }
         }
     });
-    let mut received = Vec::new();
-    within("the server to cut the connection off", async {
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 4096];
-        loop {
-            match read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => received.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let received = read_until_closed(&mut read, "the server to cut the connection off").await;
     assert_eq!(
         String::from_utf8_lossy(&received),
         "-ERR 'maximum control line exceeded'\r\n"

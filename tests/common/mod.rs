@@ -247,3 +247,24 @@ impl Raw {
         );
     }
 }
+
+/// Everything `read` yields until the server closes the connection (or it
+/// fails), within [`WAIT`]; `what` names the wait in a timeout's panic.
+pub async fn read_until_closed(
+    read: &mut (impl tokio::io::AsyncRead + Unpin),
+    what: &str,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    within(what, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    received
+}
