@@ -352,6 +352,50 @@ fn consumer_request(stream: &str, name: &str, version: u64, action: &str) -> Val
     })
 }
 
+/// What a confirmed (or confirmed-deleted) stream or consumer must look
+/// like after a restart: its INFO answers with one of its confirmed
+/// versions of `setting`, or with `not_found` once deleted.
+struct Check<'a> {
+    what: String,
+    subject: String,
+    setting: &'static str,
+    not_found: u64,
+    known: &'a Known,
+}
+
+impl Check<'_> {
+    fn against(&self, subject: &str, reply: &Value, wrong: &mut Vec<String>) {
+        let what = &self.what;
+        match self.known {
+            Known::Present(versions) => {
+                if reply.get("error").is_some() {
+                    wrong.push(format!(
+                        "{what} was confirmed created (settings v{versions:?}) but {subject} \
+                         answers {reply}"
+                    ));
+                    return;
+                }
+                let found = version_of(reply, self.setting);
+                if !found.is_some_and(|v| versions.contains(&v)) {
+                    wrong.push(format!(
+                        "{what}: confirmed settings are v{versions:?}, found description/{} of \
+                         {found:?} ({})",
+                        self.setting, reply["config"]
+                    ));
+                }
+            }
+            Known::Absent => {
+                if err_code(reply) != Some(self.not_found) {
+                    wrong.push(format!(
+                        "{what} was confirmed deleted but {subject} answers {reply}"
+                    ));
+                }
+            }
+            Known::Uncertain => {}
+        }
+    }
+}
+
 /// The settings version a STREAM.INFO / CONSUMER.INFO answer shows, from
 /// its description `v<k>` and `limit_field` = 1000 + k; `None` when the
 /// two disagree.
@@ -807,82 +851,32 @@ async fn verify(url: &str, model: &Shared) -> Result<Checked, Vec<String>> {
     };
 
     // Churn streams and their consumers.
+    let mut checks = Vec::new();
     for (name, known) in &streams {
-        let (subject, reply) = ask(format!("STREAM.INFO.{name}")).await;
-        let reply = match reply {
-            Ok(r) => r,
-            Err(e) => {
-                wrong.push(e);
-                continue;
-            }
-        };
-        match known {
-            Known::Present(versions) => {
-                if reply.get("error").is_some() {
-                    wrong.push(format!(
-                        "stream {name} was confirmed created (settings v{versions:?}) but \
-                         {subject} answers {reply}"
-                    ));
-                } else {
-                    let found = version_of(&reply, "max_msgs");
-                    if !found.is_some_and(|v| versions.contains(&v)) {
-                        wrong.push(format!(
-                            "stream {name}: confirmed settings are v{versions:?}, found \
-                             description/max_msgs of {:?} ({})",
-                            found, reply["config"]
-                        ));
-                    }
-                }
-            }
-            Known::Absent => {
-                if err_code(&reply) != Some(STREAM_NOT_FOUND) {
-                    wrong.push(format!(
-                        "stream {name} was confirmed deleted but {subject} answers {reply}"
-                    ));
-                }
-            }
-            Known::Uncertain => {}
-        }
+        checks.push(Check {
+            what: format!("stream {name}"),
+            subject: format!("STREAM.INFO.{name}"),
+            setting: "max_msgs",
+            not_found: STREAM_NOT_FOUND,
+            known,
+        });
     }
     for ((stream, name), known) in &consumers {
-        if !matches!(streams.get(stream), Some(Known::Present(_))) {
-            continue;
+        if matches!(streams.get(stream), Some(Known::Present(_))) {
+            checks.push(Check {
+                what: format!("consumer {stream}/{name}"),
+                subject: format!("CONSUMER.INFO.{stream}.{name}"),
+                setting: "max_ack_pending",
+                not_found: CONSUMER_NOT_FOUND,
+                known,
+            });
         }
-        let (subject, reply) = ask(format!("CONSUMER.INFO.{stream}.{name}")).await;
-        let reply = match reply {
-            Ok(r) => r,
-            Err(e) => {
-                wrong.push(e);
-                continue;
-            }
-        };
-        match known {
-            Known::Present(versions) => {
-                if reply.get("error").is_some() {
-                    wrong.push(format!(
-                        "consumer {stream}/{name} was confirmed created (settings \
-                         v{versions:?}) but {subject} answers {reply}"
-                    ));
-                } else {
-                    let found = version_of(&reply, "max_ack_pending");
-                    if !found.is_some_and(|v| versions.contains(&v)) {
-                        wrong.push(format!(
-                            "consumer {stream}/{name}: confirmed settings are v{versions:?}, \
-                             found description/max_ack_pending of {:?} ({})",
-                            found, reply["config"]
-                        ));
-                    }
-                }
-            }
-            Known::Absent => {
-                if err_code(&reply) != Some(CONSUMER_NOT_FOUND) {
-                    wrong.push(format!(
-                        "consumer {stream}/{name} was confirmed deleted but {subject} answers \
-                         {reply}"
-                    ));
-                }
-            }
-            Known::Uncertain => {}
+    }
+    for check in checks {
+        let (subject, reply) = ask(check.subject.clone()).await;
+        match reply {
+            Ok(reply) => check.against(&subject, &reply, &mut wrong),
+            Err(e) => wrong.push(e),
         }
     }
 
