@@ -121,20 +121,6 @@ impl ClientShared {
         }
     }
 
-    /// Queues `msg` for this client's subscription `sid`. A client that
-    /// cannot take it within `max_pending` is cut off as a slow consumer.
-    /// Returns whether it was queued.
-    fn deliver_msg(&self, sid: &[u8], msg: &Message, wakes: &mut WakeList) -> bool {
-        let pushed = self
-            .outbound
-            .push_msg(sid, msg, self.headers.load(Ordering::Relaxed));
-        let queued = self.link.queued(pushed, wakes);
-        if queued {
-            self.note_reply(msg);
-        }
-        queued
-    }
-
     /// Remembers the reply subject of a request delivered to a client that
     /// may answer requests (`allow_responses`).
     fn note_reply(&self, msg: &Message) {
@@ -144,14 +130,6 @@ impl ClientShared {
         if let Some(replies) = &auth.replies {
             replies.lock().record(reply, std::time::Instant::now());
         }
-    }
-
-    /// Whether this client's permissions keep a message on `subject` from
-    /// it (asked only for subscriptions flagged at SUB).
-    pub(crate) fn denies_delivery(&self, subject: &[u8]) -> bool {
-        self.auth
-            .get()
-            .is_some_and(|a| a.permissions.denies_delivery(subject))
     }
 
     /// Uses up one allowed reply to `subject`, if there is one.
@@ -167,12 +145,6 @@ impl ClientShared {
         if self.info_updates.load(Ordering::Relaxed) {
             self.link.outbound_bytes(line);
         }
-    }
-
-    /// Drops the subscription `sid` from this client's map (after the
-    /// sublist no longer holds it).
-    pub(crate) fn drop_sid(&self, sid: &[u8]) {
-        self.subs.lock().remove(sid);
     }
 
     /// Number of subscriptions this client holds.
@@ -196,20 +168,34 @@ impl ClientShared {
 /// A client is a subscriber: its subscriptions' messages go to its
 /// outbound queue.
 impl Subscriber for ClientShared {
+    /// Queues `msg` for subscription `sid`. A client that cannot take it
+    /// within `max_pending` is cut off as a slow consumer.
     fn deliver(&self, sid: &[u8], msg: &Message, wakes: &mut WakeList) -> bool {
-        self.deliver_msg(sid, msg, wakes)
+        let pushed = self
+            .outbound
+            .push_msg(sid, msg, self.headers.load(Ordering::Relaxed));
+        let queued = self.link.queued(pushed, wakes);
+        if queued {
+            self.note_reply(msg);
+        }
+        queued
     }
 
+    /// Whether this client's permissions keep a message on `subject` from
+    /// it (asked only for subscriptions flagged at SUB).
     fn denies(&self, subject: &[u8]) -> bool {
-        self.denies_delivery(subject)
+        self.auth
+            .get()
+            .is_some_and(|a| a.permissions.denies_delivery(subject))
     }
 
     fn connection_id(&self) -> Option<u64> {
         Some(self.id)
     }
 
+    /// Drops `sid` from this client's map (the sublist no longer holds it).
     fn forget(&self, sid: &[u8]) {
-        self.drop_sid(sid);
+        self.subs.lock().remove(sid);
     }
 }
 
