@@ -384,9 +384,7 @@ impl Stream {
             config: new,
             created: self.created,
         };
-        self.store
-            .save_meta(&to_json(&meta)?)
-            .and_then(|()| self.store.sync())
+        self.durable(self.store.save_meta(&to_json(&meta)?))
             .map_err(|e| ApiError::new(500, 10069, e.to_string()))?;
         if subjects_changed {
             self.subscribe();
@@ -402,9 +400,10 @@ impl Stream {
             return Err(ApiError::bad_request());
         }
         let purged = self
-            .store
-            .purge(r.filter.as_deref().map(str::as_bytes), r.seq, r.keep)
-            .and_then(|purged| self.store.sync().map(|()| purged))
+            .durable(
+                self.store
+                    .purge(r.filter.as_deref().map(str::as_bytes), r.seq, r.keep),
+            )
             .map_err(|e| ApiError::new(500, 10110, e.to_string()))?;
         Ok(purged)
     }
@@ -413,10 +412,7 @@ impl Stream {
         if self.config.read().deny_delete {
             return Err(ApiError::new(500, 10057, "message delete not permitted"));
         }
-        match self.store.delete(seq).and_then(|deleted| {
-            // An answered delete is durable, whatever `sync` says of publishes.
-            self.store.sync().map(|()| deleted)
-        }) {
+        match self.durable(self.store.delete(seq)) {
             Ok(true) => Ok(()),
             Ok(false) => Err(ApiError::new(
                 400,
@@ -425,6 +421,12 @@ impl Stream {
             )),
             Err(e) => Err(ApiError::new(500, 10057, e.to_string())),
         }
+    }
+
+    /// An API change's outcome, once fsynced: a successful answer means the
+    /// change is durable, whatever `sync` says of publishes.
+    fn durable<T>(&self, done: Result<T, StoreError>) -> Result<T, StoreError> {
+        done.and_then(|outcome| self.store.sync().map(|()| outcome))
     }
 
     fn find(&self, r: &MsgGetRequest) -> Result<Option<StoredMessage>, StoreError> {
@@ -595,9 +597,7 @@ impl Stream {
             .ok_or_else(ApiError::consumer_not_found)?;
         c.stop();
         c.notify_deleted();
-        self.store
-            .delete_consumer(name)
-            .and_then(|_| self.store.sync())
+        self.durable(self.store.delete_consumer(name))
             .map_err(ApiError::store_failed)?;
         Ok(())
     }
