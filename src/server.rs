@@ -403,8 +403,9 @@ pub(crate) struct ServerState {
     /// Durable streams, when enabled.
     pub jetstream: OnceLock<Arc<JetStream>>,
     /// Why durable streams are enabled but out of service: their store
-    /// could not be opened (damaged files). The server runs on without
-    /// them, answering the API with the reason.
+    /// could not be opened (damaged files, a full disk; see
+    /// `start_jetstream`). The server runs on without them, answering the
+    /// API with the reason.
     pub jetstream_offline: OnceLock<String>,
     /// Routes to peer nodes, when `[cluster]` is configured.
     pub cluster: OnceLock<Arc<Cluster>>,
